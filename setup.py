@@ -1,0 +1,34 @@
+"""megadistill: distill video diffusion models (Wan2.1/2.2, SeedVR2) into few-step generators."""
+from setuptools import find_packages, setup
+
+# `kernels/` is installed as `megadistill.kernels`: a top-level `kernels` package would clash with an
+# unrelated project of that name on the package index.
+packages = find_packages(include=["megadistill", "megadistill.*"])
+packages += ["megadistill.kernels"] + [
+    "megadistill.kernels." + p for p in find_packages(where="kernels")
+]
+
+setup(
+    name="megadistill",
+    version="0.1.0",
+    description="DeepSpeed + Megatron-style trainer that distills video diffusion models into few-step generators",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"megadistill.kernels": "kernels"},
+    install_requires=[
+        # Pin torch on the same pip line (README) to keep the local CPU build: an unpinned install
+        # would pull a multi-GB CUDA wheel.
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "safetensors",
+        "tqdm",
+        "einops",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "diffusers>=0.33", "transformers>=4.50", "scipy"],
+        "gpu": ["flash-attn", "xformers", "transformer-engine"],
+    },
+)
