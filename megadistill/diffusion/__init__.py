@@ -1,0 +1,1 @@
+"""Diffusion math: schedules, parameterisations, guidance, samplers and losses (pure functions)."""
