@@ -1,0 +1,1 @@
+"""Model definitions: Wan DiT, toy networks, discriminator heads."""

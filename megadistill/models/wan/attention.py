@@ -1,0 +1,31 @@
+"""The one attention call every Wan block makes.
+
+Layout is [B, L, H, D] (tokens before heads), the layout of the projections, of flash-attention and of
+the Ulysses all-to-all, so no block transposes. ``mask`` is an additive float or boolean (True = keep)
+mask broadcastable to [B, H, Lq, Lk]; the block-causal mode passes one here, and the KV-cache rollout
+passes the cached keys and values as k and v. Kernel back-ends (flash, flex, Triton) plug in behind
+this function; the torch SDPA path is the reference that runs everywhere, CPU included.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v for q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
+
+    q and k are cast to v's dtype: after RoPE they are float32 (upstream rotates in float64 and returns
+    float32), while v carries the compute dtype of the projections (bf16 under mixed precision), which
+    is also what upstream's flash-attention call casts all three to.
+    """
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention expects q [B, Lq, H, D] and k, v [B, Lk, H, D]; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    dtype = v.dtype
+    out = F.scaled_dot_product_attention(
+        q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)

@@ -1,0 +1,539 @@
+"""Wan checkpoints: original <-> diffusers key names, reading single files or sharded indexes, saving.
+
+Reading never touches the model until the whole plan is checked: every model tensor must have a
+source with the right shape, and (strict) every checkpoint tensor must be used; otherwise one error
+lists the missing keys, the unexpected keys and the shape mismatches. Tensors are then read one at a
+time (safetensors ``safe_open``, ``torch.load(mmap=True)``), so peak memory stays near the model size.
+
+Accepted inputs: ``*.safetensors``, ``*.pth`` / ``*.pt`` / ``*.bin`` / ``*.ckpt``, a sharded
+``*.index.json`` (``weight_map``), or a directory holding one of those (diffusers and original Wan
+releases both use ``diffusion_pytorch_model*.safetensors``). The key format (original / diffusers) is
+detected; wrapper prefixes (``module.``, ``model.``, ``diffusion_model.``) and wrapper components
+(``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``, ``_orig_mod``) are stripped; a fused
+``self_attn.qkv`` is built from q/k/v (and split back) as the model needs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from megadistill.models.wan.config import to_diffusers_config
+
+KeyFormat = Literal["original", "diffusers"]
+
+# (original, diffusers) name prefixes; "{n}" is a block index. Each key is rewritten by at most one
+# rule, matched at a dot boundary, so the norm2 <-> norm3 swap (diffusers' norm2 is the original
+# cross-attention norm3) needs no ordering tricks and round-trips exactly.
+KEY_RULES: tuple[tuple[str, str], ...] = (
+    ("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
+    ("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
+    ("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
+    ("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
+    ("time_projection.1", "condition_embedder.time_proj"),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head", "proj_out"),
+    ("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),
+    ("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    ("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    ("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    ("img_emb.emb_pos", "condition_embedder.image_embedder.pos_embed"),
+    ("blocks.{n}.modulation", "blocks.{n}.scale_shift_table"),
+    ("blocks.{n}.ffn.0", "blocks.{n}.ffn.net.0.proj"),
+    ("blocks.{n}.ffn.2", "blocks.{n}.ffn.net.2"),
+    ("blocks.{n}.norm3", "blocks.{n}.norm2"),
+    ("blocks.{n}.norm2", "blocks.{n}.norm3"),
+    ("blocks.{n}.self_attn.q", "blocks.{n}.attn1.to_q"),
+    ("blocks.{n}.self_attn.k", "blocks.{n}.attn1.to_k"),
+    ("blocks.{n}.self_attn.v", "blocks.{n}.attn1.to_v"),
+    ("blocks.{n}.self_attn.o", "blocks.{n}.attn1.to_out.0"),
+    ("blocks.{n}.self_attn.qkv", "blocks.{n}.attn1.to_qkv"),
+    ("blocks.{n}.self_attn.norm_q", "blocks.{n}.attn1.norm_q"),
+    ("blocks.{n}.self_attn.norm_k", "blocks.{n}.attn1.norm_k"),
+    ("blocks.{n}.cross_attn.q", "blocks.{n}.attn2.to_q"),
+    ("blocks.{n}.cross_attn.k", "blocks.{n}.attn2.to_k"),
+    ("blocks.{n}.cross_attn.v", "blocks.{n}.attn2.to_v"),
+    ("blocks.{n}.cross_attn.o", "blocks.{n}.attn2.to_out.0"),
+    ("blocks.{n}.cross_attn.norm_q", "blocks.{n}.attn2.norm_q"),
+    ("blocks.{n}.cross_attn.norm_k", "blocks.{n}.attn2.norm_k"),
+    ("blocks.{n}.cross_attn.k_img", "blocks.{n}.attn2.add_k_proj"),
+    ("blocks.{n}.cross_attn.v_img", "blocks.{n}.attn2.add_v_proj"),
+    ("blocks.{n}.cross_attn.norm_k_img", "blocks.{n}.attn2.norm_added_k"),
+)
+
+# diffusers drops these on load (``_keys_to_ignore_on_load_unexpected``); so do we.
+DIFFUSERS_IGNORED = re.compile(r"(^|\.)norm_added_q(\.|$)")
+
+WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+LEADING_PREFIXES = ("module.", "model.", "diffusion_model.")
+CONTAINER_KEYS = ("state_dict", "module", "model")
+WRAPPER_CLASSES = ("DataParallel", "DistributedDataParallel", "DeepSpeedEngine")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+_QKV = re.compile(r"^(blocks\.\d+\.self_attn\.)qkv\.(weight|bias)$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys or shapes do not match the model (raised before anything is loaded)."""
+
+
+def _compile(template: str) -> re.Pattern:
+    parts = [re.escape(p) for p in template.split("{n}")]
+    return re.compile("^" + r"(\d+)".join(parts) + r"(?=\.|$)")
+
+
+_RULES = {
+    ("original", "diffusers"): [(_compile(o), d) for o, d in KEY_RULES],
+    ("diffusers", "original"): [(_compile(d), o) for o, d in KEY_RULES],
+}
+
+
+def convert_key(key: str, src: KeyFormat, dst: KeyFormat) -> str:
+    """One key from ``src`` to ``dst`` naming; keys without a rule (patch_embedding.*) are unchanged."""
+    if src == dst:
+        return key
+    for pattern, target in _RULES[(src, dst)]:
+        m = pattern.match(key)
+        if m:
+            return (target.replace("{n}", m.group(1)) if m.groups() else target) + key[m.end():]
+    return key
+
+
+def convert_state_dict(sd: dict, src: KeyFormat, dst: KeyFormat) -> dict:
+    """A state dict renamed from ``src`` to ``dst`` key format (tensors shared, not copied)."""
+    out = {}
+    for key, value in sd.items():
+        if src == "diffusers" and DIFFUSERS_IGNORED.search(key):
+            continue
+        new = convert_key(key, src, dst)
+        if new in out:
+            raise ValueError(f"key collision converting {src} -> {dst}: two keys map to {new!r}")
+        out[new] = value
+    return out
+
+
+def detect_key_format(keys: Iterable[str]) -> KeyFormat:
+    """'original' (time_embedding, self_attn, ...) or 'diffusers' (condition_embedder, attn1, ...)."""
+    keys = list(keys)
+    original = any(k.startswith(("time_embedding.", "text_embedding.", "time_projection.", "head."))
+                   or ".self_attn." in k or ".cross_attn." in k for k in keys)
+    diffusers = any(k.startswith(("condition_embedder.", "proj_out.", "scale_shift_table"))
+                    or ".attn1." in k or ".attn2." in k for k in keys)
+    if original == diffusers:
+        what = "both" if original else "neither"
+        raise ValueError(f"cannot tell the key format: keys look like {what} original Wan and diffusers names "
+                         f"(first keys: {keys[:5]})")
+    return "original" if original else "diffusers"
+
+
+def strip_wrappers(keys: Iterable[str]) -> dict[str, str]:
+    """{clean key: stored key}: drops FSDP / activation-checkpoint / compile wrapper components anywhere
+    and leading ``module.`` / ``model.`` / ``diffusion_model.`` prefixes shared by all keys."""
+    cleaned = {}
+    for key in keys:
+        cleaned[".".join(p for p in key.split(".") if p not in WRAPPER_COMPONENTS)] = key
+    if len(cleaned) != len(set(cleaned.values())):
+        raise ValueError("stripping wrapper components makes two checkpoint keys collide")
+    changed = True
+    while changed and cleaned:
+        changed = False
+        for prefix in LEADING_PREFIXES:
+            if all(k.startswith(prefix) for k in cleaned):
+                cleaned = {k[len(prefix):]: v for k, v in cleaned.items()}
+                changed = True
+    return cleaned
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class TensorSource:
+    """Names, shapes and lazy tensor access of one checkpoint (single file or sharded)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._getters: dict[str, Callable[[], torch.Tensor]] = {}
+
+    def add(self, name: str, shape, getter: Callable[[], torch.Tensor]):
+        if name in self.shapes:
+            raise ValueError(f"{self.description}: tensor {name!r} appears twice")
+        self.shapes[name] = tuple(int(s) for s in shape)
+        self._getters[name] = getter
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._getters[name]()
+
+
+def _add_safetensors(source: TensorSource, path: Path, names: Optional[set] = None):
+    from safetensors import safe_open
+
+    handle = safe_open(str(path), framework="pt", device="cpu")
+    for name in handle.keys():
+        if names is None or name in names:
+            source.add(name, handle.get_slice(name).get_shape(), lambda n=name: handle.get_tensor(n))
+
+
+def _load_torch_dict(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files written with the legacy (non-zip) serialisation cannot be mmapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    while not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        containers = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), dict)]
+        if len(containers) != 1:
+            raise ValueError(f"{path}: not a flat state dict and no single container key among "
+                             f"{CONTAINER_KEYS} (top-level keys: {list(obj)[:10]})")
+        obj = obj[containers[0]]
+    return obj
+
+
+def _add_torch(source: TensorSource, path: Path, names: Optional[set] = None):
+    for name, tensor in _load_torch_dict(path).items():
+        if names is None or name in names:
+            source.add(name, tensor.shape, lambda t=tensor: t)
+
+
+def _add_file(source: TensorSource, path: Path, names: Optional[set] = None):
+    if path.suffix == ".safetensors":
+        _add_safetensors(source, path, names)
+    elif path.suffix in TORCH_SUFFIXES:
+        _add_torch(source, path, names)
+    else:
+        raise ValueError(f"{path}: unknown checkpoint file type (want .safetensors, {', '.join(TORCH_SUFFIXES)})")
+
+
+def _find_in_directory(path: Path) -> Path:
+    for pattern in ("*.safetensors.index.json", "*.index.json", "*.safetensors", *("*" + s for s in TORCH_SUFFIXES)):
+        found = sorted(path.glob(pattern))
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            names = [p.name for p in found]
+            preferred = [p for p in found if p.name.startswith("diffusion_pytorch_model")]
+            if len(preferred) == 1:
+                return preferred[0]
+            raise ValueError(f"{path}: several checkpoint candidates {names}; pass the file or index to load")
+    raise FileNotFoundError(f"{path}: no checkpoint (*.safetensors, *.index.json, *.pth, *.bin) in this directory")
+
+
+def open_checkpoint(path: Union[str, os.PathLike]) -> TensorSource:
+    """A lazy view of a checkpoint file, sharded index json, or a directory holding one of them."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        path = _find_in_directory(path)
+    source = TensorSource(str(path))
+    if path.name.endswith(".json"):
+        weight_map = json.loads(path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path}: an index json needs a 'weight_map' of tensor name -> file")
+        by_file: dict[str, set] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, set()).add(name)
+        for file, names in by_file.items():
+            shard = path.parent / file
+            if not shard.exists():
+                raise FileNotFoundError(f"{path}: shard {file} is listed in the index but missing")
+            _add_file(source, shard, names)
+        absent = set(weight_map) - set(source.shapes)
+        if absent:
+            raise ValueError(f"{path}: {len(absent)} tensors in the index are absent from their shards, "
+                             f"e.g. {sorted(absent)[:5]}")
+    else:
+        _add_file(source, path)
+    return source
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadResult:
+    key_format: KeyFormat
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Entry:
+    """One original-named tensor: a stored tensor, or one third of a stored fused qkv."""
+    stored: str
+    shape: tuple[int, ...]
+    chunk: Optional[int] = None
+
+
+def _checkpoint_entries(source: TensorSource) -> tuple[dict[str, _Entry], list[str], KeyFormat]:
+    """Original-named, unfused entries of a checkpoint, the stored keys that were dropped, and the format."""
+    clean_to_stored = strip_wrappers(source.shapes)
+    key_format = detect_key_format(clean_to_stored)
+    entries, dropped = {}, []
+    for clean, stored in clean_to_stored.items():
+        if key_format == "diffusers" and DIFFUSERS_IGNORED.search(clean):
+            dropped.append(stored)
+            continue
+        name = convert_key(clean, key_format, "original")
+        shape = source.shapes[stored]
+        m = _QKV.match(name)
+        if m and shape[0] % 3 == 0:
+            for i, part in enumerate("qkv"):
+                entries[f"{m.group(1)}{part}.{m.group(2)}"] = _Entry(stored, (shape[0] // 3,) + shape[1:], i)
+        else:
+            entries[name] = _Entry(stored, shape)
+    return entries, dropped, key_format
+
+
+def _sources_for(target: str) -> list[str]:
+    """Original unfused names that make up one model tensor (three for a fused qkv)."""
+    m = _QKV.match(target)
+    if m:
+        return [f"{m.group(1)}{p}.{m.group(2)}" for p in "qkv"]
+    return [target]
+
+
+def _fmt(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The WanModel inside torch.compile / DataParallel / DDP / DeepSpeed-engine wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in WRAPPER_CLASSES and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(model.named_parameters())
+    persistent = set(model.state_dict(keep_vars=True))
+    tensors.update({k: v for k, v in model.named_buffers() if k in persistent})
+    return tensors
+
+
+def _assign(model: nn.Module, name: str, value: torch.Tensor):
+    """Write a tensor into the model: in place, or by replacement for meta-device parameters."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    current = getattr(module, leaf)
+    with torch.no_grad():
+        if current.is_meta:
+            value = value.to(current.dtype).clone()
+            if isinstance(current, nn.Parameter):
+                module._parameters[leaf] = nn.Parameter(value, requires_grad=current.requires_grad)
+            else:
+                module._buffers[leaf] = value
+        else:
+            current.copy_(value)
+
+
+def load_wan_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> LoadResult:
+    """Load original- or diffusers-named weights into a WanModel (or a WanMoE from its expert folders).
+
+    Raises ``CheckpointMismatchError`` naming every missing / unexpected key and shape mismatch before
+    any weight is written; ``strict=False`` tolerates missing and unexpected keys (returned), never
+    wrong shapes. Values are cast to the model's parameter dtypes.
+    """
+    from megadistill.models.wan.model import WanMoE  # model imports nothing from here; keep it that way
+
+    model = unwrap_model(model)
+    if isinstance(model, WanMoE):
+        results = [load_wan_checkpoint(expert, Path(path) / sub, strict)
+                   for sub, expert in (("high_noise_model", model.high_noise_model),
+                                       ("low_noise_model", model.low_noise_model))]
+        return LoadResult(results[0].key_format,
+                          [f"high_noise_model.{k}" for k in results[0].missing]
+                          + [f"low_noise_model.{k}" for k in results[1].missing],
+                          [f"high_noise_model.{k}" for k in results[0].unexpected]
+                          + [f"low_noise_model.{k}" for k in results[1].unexpected])
+
+    source = open_checkpoint(path)
+    entries, dropped, key_format = _checkpoint_entries(source)
+    targets = _model_tensors(model)
+
+    plan, missing, mismatched, used = {}, [], [], set()
+    for name, tensor in targets.items():
+        parts = _sources_for(name)
+        if not all(p in entries for p in parts):
+            missing.append(name)
+            continue
+        used.update(parts)
+        got = (sum(entries[p].shape[0] for p in parts),) + entries[parts[0]].shape[1:]
+        if any(entries[p].shape[1:] != entries[parts[0]].shape[1:] for p in parts) or got != tuple(tensor.shape):
+            stored = " + ".join(entries[p].stored for p in parts)
+            mismatched.append(f"{name} (checkpoint {stored}: {list(got)}, model: {list(tensor.shape)})")
+            continue
+        plan[name] = parts
+    unexpected = sorted({entries[k].stored for k in set(entries) - used})
+
+    if mismatched or (strict and (missing or unexpected)):
+        lines = [f"checkpoint {source.description} ({key_format} keys) does not match {type(model).__name__}:"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {_fmt(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {_fmt(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatch ({len(mismatched)}): {_fmt(mismatched)}")
+        raise CheckpointMismatchError("\n".join(lines))
+
+    stored_cache: dict[str, torch.Tensor] = {}
+    for name, parts in plan.items():
+        pieces = []
+        for p in parts:
+            entry = entries[p]
+            if entry.chunk is None:
+                pieces.append(source.get(entry.stored))
+            else:
+                # a fused qkv is read once and shared by its three consumers
+                full = stored_cache.get(entry.stored)
+                if full is None:
+                    full = stored_cache[entry.stored] = source.get(entry.stored)
+                pieces.append(full.chunk(3, dim=0)[entry.chunk])
+        _assign(model, name, pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0))
+        if len(stored_cache) > 3:
+            stored_cache.clear()
+    return LoadResult(key_format, missing, unexpected)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def wan_state_dict(model: nn.Module, key_format: KeyFormat = "original") -> dict[str, torch.Tensor]:
+    """The model's tensors under original (or diffusers) names with any fused qkv split into q, k, v."""
+    out = {}
+    for name, tensor in unwrap_model(model).state_dict().items():
+        m = _QKV.match(name)
+        if m:
+            for part, piece in zip("qkv", tensor.chunk(3, dim=0)):
+                out[f"{m.group(1)}{part}.{m.group(2)}"] = piece
+        else:
+            out[name] = tensor
+    return convert_state_dict(out, "original", key_format)
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]):
+    """Write via a temporary file in the same directory, then rename: a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    elif path.suffix in TORCH_SUFFIXES:
+        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    else:
+        raise ValueError(f"{path}: save to .safetensors or one of {TORCH_SUFFIXES}, or to a directory")
+
+
+def _config_json(model: nn.Module, key_format: KeyFormat) -> Optional[dict]:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if key_format == "diffusers":
+        return {"_class_name": "WanTransformer3DModel", **to_diffusers_config(config)}
+    return {"_class_name": "WanModel", "model_type": config.model_type, "patch_size": list(config.patch_size),
+            "text_len": config.text_len, "in_dim": config.in_dim, "dim": config.dim, "ffn_dim": config.ffn_dim,
+            "freq_dim": config.freq_dim, "text_dim": config.text_dim, "out_dim": config.out_dim,
+            "num_heads": config.num_heads, "num_layers": config.num_layers, "qk_norm": config.qk_norm,
+            "cross_attn_norm": config.cross_attn_norm, "eps": config.eps}
+
+
+def save_wan_checkpoint(model: nn.Module, path: Union[str, os.PathLike], key_format: KeyFormat = "original",
+                        max_shard_size: Optional[Union[int, str]] = None,
+                        dtype: Optional[torch.dtype] = None) -> list[Path]:
+    """Save a WanModel's weights under original or diffusers names; returns the files written.
+
+    ``path`` ending in .safetensors / .pth / .pt / .bin: one file. Otherwise ``path`` is a directory
+    that receives ``diffusion_pytorch_model.safetensors`` (or, with ``max_shard_size``, numbered shards
+    plus ``diffusion_pytorch_model.safetensors.index.json``) and a ``config.json`` (diffusers' config for
+    diffusers keys, the layout ``WanTransformer3DModel.from_pretrained`` reads; the original Wan config
+    otherwise). A WanMoE goes to
+    ``path/high_noise_model`` and ``path/low_noise_model`` as in the Wan2.2 release.
+    """
+    from megadistill.models.wan.model import WanMoE
+
+    path, model = Path(path), unwrap_model(model)
+    if isinstance(model, WanMoE):
+        return [f for sub, expert in (("high_noise_model", model.high_noise_model),
+                                      ("low_noise_model", model.low_noise_model))
+                for f in save_wan_checkpoint(expert, path / sub, key_format, max_shard_size, dtype)]
+
+    tensors = {}
+    for name, t in wan_state_dict(model, key_format).items():
+        t = t.detach().to("cpu", dtype) if dtype is not None and t.is_floating_point() else t.detach().cpu()
+        tensors[name] = t.clone().contiguous()  # safetensors refuses views that share storage (qkv split)
+
+    if path.suffix in (".safetensors", *TORCH_SUFFIXES):
+        if max_shard_size is not None:
+            raise ValueError("max_shard_size needs a directory path, not a single file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_tensors(path, tensors)
+        return [path]
+
+    path.mkdir(parents=True, exist_ok=True)
+    written = []
+    if max_shard_size is None:
+        written.append(path / "diffusion_pytorch_model.safetensors")
+        _write_tensors(written[0], tensors)
+    else:
+        limit = _parse_size(max_shard_size)
+        shards, current, current_size = [], {}, 0
+        for name, t in tensors.items():
+            size = t.numel() * t.element_size()
+            if current and current_size + size > limit:
+                shards.append(current)
+                current, current_size = {}, 0
+            current[name] = t
+            current_size += size
+        shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = path / f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_tensors(file, shard)
+            weight_map.update({name: file.name for name in shard})
+            written.append(file)
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = path / "diffusion_pytorch_model.safetensors.index.json"
+        text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        _atomic_write(index, lambda tmp: Path(tmp).write_text(text))
+        written.append(index)
+    config = _config_json(model, key_format)
+    if config is not None:
+        cfg_path = path / "config.json"
+        _atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        written.append(cfg_path)
+    return written
