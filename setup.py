@@ -28,7 +28,7 @@ setup(
         "einops",
     ],
     extras_require={
-        "dev": ["pytest>=7", "diffusers>=0.33", "transformers>=4.50", "scipy"],
+        "dev": ["pytest>=7", "diffusers>=0.35", "transformers>=4.50", "accelerate", "scipy"],
         "gpu": ["flash-attn", "xformers", "transformer-engine"],
     },
 )

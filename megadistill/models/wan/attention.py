@@ -2,20 +2,39 @@
 
 Layout is [B, L, H, D] (tokens before heads), the layout of the projections, of flash-attention and of
 the Ulysses all-to-all, so no block transposes. ``mask`` is an additive float or boolean (True = keep)
-mask broadcastable to [B, H, Lq, Lk]; the block-causal mode passes one here, and the KV-cache rollout
-passes the cached keys and values as k and v. Kernel back-ends (flash, flex, Triton) plug in behind
-this function; the torch SDPA path is the reference that runs everywhere, CPU included.
+mask broadcastable to [B, H, Lq, Lk], or a flex_attention ``BlockMask`` (the block-causal mode on CUDA,
+see ``causal.py``); the KV-cache rollout passes the cached keys and values as k and v. Kernel
+back-ends (flash, Triton) plug in behind this function; the torch SDPA path is the reference that
+runs everywhere, CPU included.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # torch without flex_attention: the dense-mask path still works
+    BlockMask, flex_attention = None, None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    # Uncompiled flex materialises the full score matrix; upstream Self-Forcing compiles it the same way.
+    return torch.compile(flex_attention, dynamic=False, mode="max-autotune-no-cudagraphs")
+
+
+def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: Any) -> torch.Tensor:
+    """[B, H, L, D] inputs; compiled on CUDA, eager elsewhere (forward only: tests of the mask logic)."""
+    fn = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return fn(q, k, v, block_mask=block_mask)
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+              mask: Union[torch.Tensor, "BlockMask", None] = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D) + mask) v for q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
     q and k are cast to v's dtype: after RoPE they are float32 (upstream rotates in float64 and returns
@@ -26,6 +45,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"attention expects q [B, Lq, H, D] and k, v [B, Lk, H, D]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     dtype = v.dtype
-    out = F.scaled_dot_product_attention(
-        q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    q, k, v = q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2)
+    if BlockMask is not None and isinstance(mask, BlockMask):
+        out = _flex(q, k, v, mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)

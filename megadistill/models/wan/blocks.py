@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megadistill.models.wan.attention import attention
+from megadistill.models.wan.kv_cache import KVCacheStep
 from megadistill.models.wan.norms import WanLayerNorm, WanRMSNorm
 from megadistill.models.wan.rope import apply_rope
 
@@ -24,6 +25,22 @@ from megadistill.models.wan.rope import apply_rope
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, L, H*D] -> [B, L, H, D]."""
     return x.unflatten(-1, (num_heads, -1))
+
+
+# Modulation rows: shift/scale/gate are [B, R, dim] with R dividing L, each row covering L / R
+# consecutive tokens: R = 1 (one timestep per sample), R = F (per latent frame, block-causal training;
+# no [B, L, 6, dim] tensor per block) or R = L (per token, Wan2.2 TI2V). Same arithmetic in each case.
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (1 + scale) + shift for x [B, L, dim] and shift, scale [B, R, dim]."""
+    rows = shift.shape[1]
+    return (x.unflatten(1, (rows, -1)) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + y * gate for x, y [B, L, dim] and gate [B, R, dim]."""
+    rows = gate.shape[1]
+    return (x.unflatten(1, (rows, -1)) + y.unflatten(1, (rows, -1)) * gate.unsqueeze(2)).flatten(1, 2)
 
 
 class WanSelfAttention(nn.Module):
@@ -57,9 +74,16 @@ class WanSelfAttention(nn.Module):
         h = self.num_heads
         return _heads(self.norm_q(q), h), _heads(self.norm_k(k), h), _heads(v, h)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, mask=None,
+                kv_cache: Optional[KVCacheStep] = None) -> torch.Tensor:
+        """``mask``: see ``attention``. ``kv_cache``: this call's step of a KV cache; the keys are
+        rotated (absolute positions in ``freqs``) before they are cached, and the call attends to the
+        cached past plus its own tokens."""
         q, k, v = self.project(x)
-        out = attention(apply_rope(q, freqs), apply_rope(k, freqs), v, mask)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)
+        out = attention(q, k, v, mask)
         return self.o(out.flatten(2).to(self.o.weight.dtype))
 
 
@@ -127,18 +151,24 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
-                context_img: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [B, L, dim]; e [B, 1 or L, 6, dim] float32 (one row per sample, or per token for Wan2.2)."""
+                context_img: Optional[torch.Tensor] = None, mask=None) -> torch.Tensor:
+        """x [B, L, dim]; e [B, R, 6, dim] float32 (modulation rows, R = 1, F or L: see ``modulate``);
+        context [B, text_len, dim] and context_img [B, 257, dim] (I2V 2.1) as embedded by the model."""
+        return self.run(x, e, freqs, self.cross_attn.project_context(context, context_img), mask)
+
+    def run(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context_kv: tuple[torch.Tensor, ...],
+            mask=None, kv_cache: Optional[KVCacheStep] = None) -> torch.Tensor:
+        """The block with the context keys/values already projected (``project_context``, cached by a
+        rollout) and optionally a KV-cache step for the self-attention."""
         shift, scale, gate, c_shift, c_scale, c_gate = (self.modulation.float().unsqueeze(0) + e).unbind(2)
 
-        y = self.self_attn(self.norm1(x).float() * (1 + scale) + shift, freqs, mask)
-        x = x + y.float() * gate
+        y = self.self_attn(modulate(self.norm1(x).float(), shift, scale), freqs, mask, kv_cache)
+        x = gated_residual(x, y.float(), gate)
 
-        x = x + self.cross_attn(self.norm3(x), self.cross_attn.project_context(context, context_img))
+        x = x + self.cross_attn(self.norm3(x), context_kv)
 
-        ffn_in = (self.norm2(x).float() * (1 + c_scale) + c_shift).to(self.ffn[0].weight.dtype)
-        x = x + self.ffn(ffn_in).float() * c_gate
-        return x
+        ffn_in = modulate(self.norm2(x).float(), c_shift, c_scale).to(self.ffn[0].weight.dtype)
+        return gated_residual(x, self.ffn(ffn_in).float(), c_gate)
 
 
 class WanHead(nn.Module):
@@ -151,9 +181,9 @@ class WanHead(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """x [B, L, dim]; e [B, 1 or L, dim] float32 -> [B, L, prod(patch) * out_dim] float32."""
+        """x [B, L, dim]; e [B, R, dim] float32 (R = 1, F or L) -> [B, L, prod(patch) * out_dim] float32."""
         shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            h = self.norm(x).float() * (1 + scale) + shift
+            h = modulate(self.norm(x).float(), shift, scale)
             bias = self.head.bias.float() if self.head.bias is not None else None
             return F.linear(h, self.head.weight.float(), bias)

@@ -16,6 +16,15 @@ class WanConfig:
     when ``image_dim`` is set, as in Wan2.1 I2V), ti2v (Wan2.2 5B: per-token timesteps, no ``y``).
     ``expert_boundary``: Wan2.2 A14B, two experts of this config; the high-noise expert runs for
     t >= expert_boundary * num_train_timesteps.
+
+    Block-causal mode (Self-Forcing / CausVid) is on when ``num_frame_per_block`` is set: latent frames
+    are grouped in blocks of that many frames and a token attends only to its own and earlier blocks.
+    ``local_attn_size`` (frames, counted back from the end of the query's block, current block
+    included) limits attention to a sliding window; ``sink_size`` first frames then stay visible too
+    (attention sink), so a KV cache holds at most ``sink_size + local_attn_size`` frames. Upstream
+    Self-Forcing's rollout cache of ``local_attn_size`` frames holds the sink frames inside it:
+    upstream (L, S) is ours (L - S, S). These fields change attention only, never the parameters:
+    one checkpoint loads into either mode.
     """
 
     model_type: str = "t2v"
@@ -38,6 +47,9 @@ class WanConfig:
     grad_checkpointing: bool = False
     expert_boundary: Optional[float] = None
     num_train_timesteps: int = 1000
+    num_frame_per_block: Optional[int] = None
+    local_attn_size: Optional[int] = None
+    sink_size: int = 0
 
     def __post_init__(self):
         # YAML gives lists; the unpatchify view needs a tuple.
@@ -71,6 +83,31 @@ class WanConfig:
                 f"out_dim ({self.out_dim})")
         if self.expert_boundary is not None and not 0.0 < self.expert_boundary < 1.0:
             raise ValueError(f"expert_boundary must lie in (0, 1), got {self.expert_boundary}")
+        self._check_causal()
+
+    def _check_causal(self):
+        nfpb, local, sink = self.num_frame_per_block, self.local_attn_size, self.sink_size
+        if nfpb is None:
+            if local is not None or sink:
+                raise ValueError("local_attn_size and sink_size need block-causal mode (set num_frame_per_block)")
+            return
+        if not isinstance(nfpb, int) or isinstance(nfpb, bool) or nfpb < 1:
+            raise ValueError(f"num_frame_per_block must be a positive int or None, got {nfpb!r}")
+        if self.patch_size[0] != 1:
+            # Blocks, RoPE offsets and cache slots are counted in latent frames = token frames.
+            raise ValueError(f"block-causal mode needs a temporal patch size of 1, got patch_size {self.patch_size}")
+        if local is not None and (not isinstance(local, int) or isinstance(local, bool) or local < nfpb):
+            # A window shorter than a block would hide part of the query's own block.
+            raise ValueError(f"local_attn_size must be None or an int >= num_frame_per_block ({nfpb}), got {local!r}")
+        if not isinstance(sink, int) or isinstance(sink, bool) or sink < 0:
+            raise ValueError(f"sink_size must be a non-negative int, got {sink!r}")
+        if sink and local is None:
+            raise ValueError("sink_size needs local_attn_size: without a window every frame is visible anyway")
+
+    @property
+    def is_causal(self) -> bool:
+        """Block-causal attention (num_frame_per_block set)."""
+        return self.num_frame_per_block is not None
 
     @property
     def head_dim(self) -> int:

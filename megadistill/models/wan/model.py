@@ -5,6 +5,10 @@ Forward (upstream ``WanModel.forward`` with batched tensors instead of lists):
   t [B] or [B, L] -> float64 sinusoid -> float32 time MLP: e [B, 1|L, dim], e0 [B, 1|L, 6, dim]
   context [B, <=text_len, text_dim] zero-padded to text_len -> text MLP; clip_fea -> img_emb (I2V 2.1)
   blocks (3D RoPE, full-width q/k RMSNorm) -> head (adaLN from e) -> unpatchify -> float32 [B, out, F, H, W]
+
+Block-causal mode (config.num_frame_per_block) is the same module: ``forward`` adds the block-causal
+mask (``causal.py``), and ``forward_causal_step`` runs one block of frames against per-layer KV caches
+(``kv_cache.py``), the Self-Forcing rollout.
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megadistill.models.wan.blocks import WanBlock, WanHead
+from megadistill.models.wan.causal import attention_mask
 from megadistill.models.wan.config import WanConfig, wan_config
 from megadistill.models.wan.embeddings import ImageProjection, run_fp32, sinusoidal_embedding, unpatchify
+from megadistill.models.wan.kv_cache import CrossAttnCache, KVCache
 from megadistill.models.wan.rope import rope_grid
 
 # Parameters computed in float32 anyway; keeping their storage float32 loses nothing in a bf16 model.
@@ -33,6 +39,8 @@ class WanModel(nn.Module):
         self.config = config
         c = config
         self.grad_checkpointing = c.grad_checkpointing
+        # Block-causal mask form: None = flex_attention BlockMask on CUDA, dense SDPA mask elsewhere.
+        self.use_flex_attention: Optional[bool] = None
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.text_embedding = nn.Sequential(
             nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
@@ -63,13 +71,18 @@ class WanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
 
     def time_embed(self, t: torch.Tensor, batch: int, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """t [B] or [B, L] -> e [B, 1|L, dim] and e0 [B, 1|L, 6, dim], both float32."""
+        """t [B] or [B, R] -> e [B, 1|R, dim] and e0 [B, 1|R, 6, dim], both float32.
+
+        R must divide L = num_tokens; each timestep covers L / R consecutive tokens: R = L per token
+        (Wan2.2 TI2V), R = F per latent frame (upstream CausalWanModel's [B, F]).
+        """
         if t.dim() == 0:
             t = t.expand(batch)
-        if t.shape not in ((batch,), (batch, num_tokens)):
-            raise ValueError(f"timesteps must be [B] = [{batch}] or per-token [B, L] = [{batch}, {num_tokens}], "
-                             f"got {list(t.shape)}")
-        rows = 1 if t.dim() == 1 else num_tokens
+        if not (t.shape == (batch,) or (t.dim() == 2 and t.shape[0] == batch and 0 < t.shape[1] <= num_tokens
+                                        and num_tokens % t.shape[1] == 0)):
+            raise ValueError(f"timesteps must be [B] = [{batch}], per token [B, L] = [{batch}, {num_tokens}] or "
+                             f"[B, R] with R dividing L (R = frames: per frame), got {list(t.shape)}")
+        rows = 1 if t.dim() == 1 else t.shape[1]
         e = run_fp32(self.time_embedding, sinusoidal_embedding(self.config.freq_dim, t).float())
         e0 = run_fp32(self.time_projection, e)
         return e.view(batch, rows, -1), e0.view(batch, rows, 6, -1)
@@ -91,11 +104,81 @@ class WanModel(nn.Module):
                 clip_fea: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Flow prediction [B, out_dim, F, H, W] (float32).
 
-        x: noisy latents [B, C, F, H, W]; t: timesteps in [0, num_train_timesteps], [B] or per-token
-        [B, L] with L = (F/pt)(H/ph)(W/pw); context: text embeddings [B, text_len, text_dim];
+        x: noisy latents [B, C, F, H, W]; t: timesteps in [0, num_train_timesteps], [B], per token
+        [B, L] with L = (F/pt)(H/ph)(W/pw), or per frame [B, F/pt]; context: text embeddings [B, text_len, text_dim];
         clip_fea: CLIP image features [B, 257, image_dim] (Wan2.1 I2V); y: I2V condition
         [B, in_dim - C, F, H, W] (mask + first-frame latent), concatenated on channels.
+
+        In block-causal mode (config.num_frame_per_block) this is the parallel training forward
+        (teacher forcing / CausVid / ODE regression): all frames at once under the block-causal mask.
         """
+        c = self.config
+        tokens, e, e0, grid = self._embed_inputs(x, t, y)
+        context = self.embed_context(context)
+        context_img = self._embed_image(clip_fea)
+        freqs = rope_grid(grid, c.head_dim, c.rope_theta, device=tokens.device)
+        mask = None
+        if c.is_causal:
+            mask = attention_mask(grid[0], grid[1] * grid[2], c.num_frame_per_block, c.local_attn_size,
+                                  c.sink_size, device=tokens.device, use_flex=self.use_flex_attention)
+
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, e0, freqs, context, context_img, mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, freqs, context, context_img, mask)
+
+        return unpatchify(self.head(tokens, e), grid, c.patch_size, c.out_dim).float()
+
+    def forward_causal_step(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                            kv_cache: list[KVCache], crossattn_cache: Optional[CrossAttnCache] = None,
+                            start_frame: int = 0, clip_fea: Optional[torch.Tensor] = None,
+                            y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Incremental forward of one block of frames against the KV cache -> flow [B, out_dim, Fb, H, W].
+
+        x: latents of frames [start_frame, start_frame + Fb) [B, C, Fb, H, W]; t: [B], per token
+        [B, Fb*(H/2)*(W/2)] or per frame [B, Fb]; kv_cache: ``new_kv_cache(model, ...)``, one per
+        layer, updated in place (RoPE uses absolute frame positions, so the keys are cached already
+        rotated); crossattn_cache: a ``CrossAttnCache()`` shared by the calls of one rollout (context
+        and clip_fea are projected on its first use only); y: the I2V condition for these frames.
+
+        Calling it block after block, each block once, gives the parallel block-causal forward's
+        output for that block. Calling it again with the same start_frame overwrites that block's cache
+        slot (the rollout's clean-context refresh).
+        """
+        c = self.config
+        if len(kv_cache) != len(self.blocks):
+            raise ValueError(f"kv_cache has {len(kv_cache)} layers, the model has {len(self.blocks)}")
+        if start_frame < 0:
+            raise ValueError(f"start_frame must be >= 0, got {start_frame}")
+        tokens, e, e0, grid = self._embed_inputs(x, t, y)
+        cross = crossattn_cache if crossattn_cache is not None else CrossAttnCache()
+        context_kv = cross.get(lambda: self.project_context(context, clip_fea))
+        freqs = rope_grid(grid, c.head_dim, c.rope_theta, frame_offset=start_frame, device=tokens.device)
+        frame_seq_len, num_tokens = grid[1] * grid[2], tokens.shape[1]
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+
+        for block, ckv, cache in zip(self.blocks, context_kv, kv_cache):
+            # The cache is touched only outside the (possibly recomputed) block: begin() evicts and
+            # reserves the slot, commit() writes it; a recomputation reads the snapshot of the past.
+            step = cache.begin(start_frame * frame_seq_len, num_tokens, snapshot=ckpt)
+            if ckpt:
+                tokens = checkpoint(block.run, tokens, e0, freqs, ckv, None, step, use_reentrant=False)
+            else:
+                tokens = block.run(tokens, e0, freqs, ckv, None, step)
+            step.commit()
+
+        return unpatchify(self.head(tokens, e), grid, c.patch_size, c.out_dim).float()
+
+    def project_context(self, context: torch.Tensor, clip_fea: Optional[torch.Tensor] = None
+                        ) -> list[tuple[torch.Tensor, ...]]:
+        """Every block's cross-attention keys/values for this context (the cross-attention cache)."""
+        context = self.embed_context(context)
+        context_img = self._embed_image(clip_fea)
+        return [block.cross_attn.project_context(context, context_img) for block in self.blocks]
+
+    def _embed_inputs(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]):
+        """Patch tokens [B, L, dim], time embeddings e, e0 and the token grid (F, H, W) / patch."""
         c = self.config
         x = self._concat_condition(x, y)
         b, _, f, h, w = x.shape
@@ -103,21 +186,9 @@ class WanModel(nn.Module):
         if f % pt or h % ph or w % pw:
             raise ValueError(f"latent size (F, H, W) = {(f, h, w)} must be a multiple of patch_size {c.patch_size}")
         grid = (f // pt, h // ph, w // pw)
-        num_tokens = grid[0] * grid[1] * grid[2]
-
-        x = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
-        e, e0 = self.time_embed(torch.as_tensor(t, device=x.device), b, num_tokens)
-        context = self.embed_context(context)
-        context_img = self._embed_image(clip_fea)
-        freqs = rope_grid(grid, c.head_dim, c.rope_theta, device=x.device)
-
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, e0, freqs, context, context_img, use_reentrant=False)
-            else:
-                x = block(x, e0, freqs, context, context_img)
-
-        return unpatchify(self.head(x, e), grid, c.patch_size, c.out_dim).float()
+        tokens = self.patch_embedding(x.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        e, e0 = self.time_embed(torch.as_tensor(t, device=tokens.device), b, tokens.shape[1])
+        return tokens, e, e0, grid
 
     def _concat_condition(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         c = self.config

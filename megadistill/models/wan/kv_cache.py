@@ -1,0 +1,188 @@
+"""KV caches of the block-causal rollout: per-layer self-attention keys/values and the context cache.
+
+A rollout generates latent frames one block at a time. Each self-attention layer keeps the keys
+(already rotated with their absolute frame positions) and values of every block written so far, so a
+new block attends to them without recomputing the past. Bookkeeping follows upstream Self-Forcing:
+
+- ``global_end_index``: absolute token position after the last written token;
+  ``local_end_index``: buffer position after it. Their difference is the number of evicted tokens.
+- Appending a block (start == global_end_index) writes after the last token. When the buffer is
+  full (local window), the oldest tokens after the sink are evicted by shifting the rest left: the
+  first ``sink_tokens`` stay, and the buffer then holds the sink plus the last ``window_tokens``,
+  exactly the keys the block-causal mask (``causal.py``) shows that block.
+- Re-running the last block (same start) overwrites its own slot: this is how the rollout replaces
+  the keys of a noisy pass by those of the clean-context pass. Re-running an earlier block rewinds
+  the cache to that block's end, as long as nothing it could see has been evicted.
+
+Gradients: the buffers hold detached tensors. Within one call the new block's own keys/values stay
+differentiable (the layer attends to cat(cached past, new)); cached past keys carry no gradient,
+which is what the Self-Forcing rollout needs (past blocks are re-written clean under no_grad).
+Under no_grad the new keys are written first and the layer attends to a view of the buffer (no copy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class KVCache:
+    """One layer's self-attention cache: k, v [B, S_max, heads, head_dim] and the write position."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    sink_tokens: int = 0
+    window_tokens: Optional[int] = None
+    global_end_index: int = 0
+    local_end_index: int = 0
+
+    def __post_init__(self):
+        if self.k.dim() != 4 or self.k.shape != self.v.shape:
+            raise ValueError(f"KVCache k and v must both be [B, S_max, heads, head_dim], got "
+                             f"{tuple(self.k.shape)} and {tuple(self.v.shape)}")
+        if self.window_tokens is None:
+            if self.sink_tokens:
+                raise ValueError("sink_tokens needs window_tokens (a cache without a window never evicts)")
+        elif self.window_tokens < 1 or self.sink_tokens < 0 or self.capacity != self.sink_tokens + self.window_tokens:
+            # Eviction keeps sink + window tokens; any other size would show a block more or fewer
+            # keys than the block-causal mask does.
+            raise ValueError(f"a windowed KVCache must hold exactly sink_tokens + window_tokens = "
+                             f"{self.sink_tokens} + {self.window_tokens} tokens, got {self.capacity}")
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def evicted_tokens(self) -> int:
+        return self.global_end_index - self.local_end_index
+
+    def reset(self):
+        """Empty the cache (the buffers are reused; stale contents are never read)."""
+        self.global_end_index = self.local_end_index = 0
+
+    def begin(self, start: int, num_tokens: int, snapshot: bool = False) -> "KVCacheStep":
+        """Reserve the slot of tokens [start, start + num_tokens), evicting if needed, and return the
+        step through which one layer call reads the past and writes the new tokens.
+
+        ``snapshot`` copies the visible past, for a call that may be recomputed later (activation
+        checkpointing) while this buffer keeps changing.
+        """
+        end = start + num_tokens
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if self.window_tokens is not None and num_tokens > self.window_tokens:
+            raise ValueError(f"a call of {num_tokens} tokens does not fit the local window of {self.window_tokens}")
+        if start == self.global_end_index:  # append
+            overflow = self.local_end_index + num_tokens - self.capacity
+            if overflow > 0:
+                self._evict(overflow, num_tokens)
+            local_end = self.local_end_index + num_tokens
+        elif start < self.global_end_index and end <= self.global_end_index:  # overwrite / rewind
+            offset = self.evicted_tokens
+            if offset and end - self.window_tokens < self.sink_tokens + offset:
+                raise ValueError(f"cannot re-run tokens [{start}, {end}): keys they attend to were evicted "
+                                 f"(cache holds the sink and positions >= {self.sink_tokens + offset})")
+            local_end = end - offset
+        else:
+            raise ValueError(f"KVCache write at tokens [{start}, {end}) must append at {self.global_end_index} "
+                             f"or re-run already written tokens")
+        self.global_end_index, self.local_end_index = end, local_end
+        return KVCacheStep(self, local_end - num_tokens, local_end, snapshot)
+
+    def _evict(self, overflow: int, num_tokens: int):
+        if self.window_tokens is None:
+            raise ValueError(f"KVCache full: {self.capacity} tokens hold {self.local_end_index}, cannot add "
+                             f"{num_tokens}; allocate more frames (new_kv_cache max_frames) or set a local window")
+        sink, keep = self.sink_tokens, self.local_end_index - overflow - self.sink_tokens
+        for buf in (self.k, self.v):  # shift left; clone because source and destination overlap
+            buf[:, sink:sink + keep] = buf[:, sink + overflow:sink + overflow + keep].clone()
+        self.local_end_index -= overflow  # global positions are absolute: only the buffer mapping moves
+
+
+class KVCacheStep:
+    """One layer call's view of a KVCache: the visible past and the slot for the new tokens."""
+
+    def __init__(self, cache: KVCache, local_start: int, local_end: int, snapshot: bool):
+        self.cache, self.local_start, self.local_end = cache, local_start, local_end
+        past_k, past_v = cache.k[:, :local_start], cache.v[:, :local_start]
+        self.past = (past_k.clone(), past_v.clone()) if snapshot else (past_k, past_v)
+        self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """New roped keys and values [B, n, H, D] -> all keys/values this call attends to."""
+        buf_k, buf_v = self.cache.k, self.cache.v
+        slot = self.local_end - self.local_start
+        if k.shape[0] != buf_k.shape[0] or k.shape[2:] != buf_k.shape[2:] or k.shape[1] != slot:
+            raise ValueError(f"keys {tuple(k.shape)} do not fit the cache slot: batch {buf_k.shape[0]}, "
+                             f"(heads, head_dim) {tuple(buf_k.shape[2:])}, {slot} tokens")
+        k, v = k.to(buf_k.dtype), v.to(buf_v.dtype)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            self._pending = (k.detach(), v.detach())  # written by commit(), after the layer call
+            return torch.cat([self.past[0], k], dim=1), torch.cat([self.past[1], v], dim=1)
+        self._pending = None
+        self._write(k, v)
+        return buf_k[:, :self.local_end], buf_v[:, :self.local_end]
+
+    def commit(self):
+        """Write the new keys/values into the slot (a no-op when extend() already did)."""
+        if self._pending is not None:
+            self._write(*self._pending)
+            self._pending = None
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor):
+        with torch.no_grad():
+            self.cache.k[:, self.local_start:self.local_end] = k
+            self.cache.v[:, self.local_start:self.local_end] = v
+
+
+@dataclass
+class CrossAttnCache:
+    """Per-layer context keys/values (text, plus CLIP image for Wan2.1 I2V), computed once per rollout.
+
+    Entries computed under no_grad are recomputed (cheap: text_len tokens) by the first call that needs
+    gradients, so the text embedding and cross-attention k/v projections get their gradient; upstream
+    reuses them and silently drops it. Entries computed with grad belong to one autograd graph: use a
+    fresh cache (or ``reset()``) for each rollout, as upstream does.
+    """
+
+    layers: list = field(default_factory=list)
+    with_grad: bool = False
+
+    def get(self, compute) -> list:
+        if not self.layers or (torch.is_grad_enabled() and not self.with_grad):
+            self.layers, self.with_grad = compute(), torch.is_grad_enabled()
+        return self.layers
+
+    def reset(self):
+        self.layers, self.with_grad = [], False
+
+
+def new_kv_cache(model: nn.Module, batch_size: int, frame_seq_len: int, max_frames: Optional[int] = None,
+                 dtype: Optional[torch.dtype] = None, device=None) -> list[KVCache]:
+    """Empty per-layer KV caches for ``model`` (a WanModel) and a token grid of ``frame_seq_len`` tokens
+    per latent frame ((H / 2) * (W / 2)).
+
+    With a local window (config.local_attn_size) each holds sink_size + local_attn_size frames and
+    evicts (``max_frames`` is not needed); otherwise ``max_frames`` frames (required) and a write past
+    them is an error. dtype and device default to those of the self-attention projections (under
+    autocast, pass the autocast dtype: attention runs in the dtype of the cached values).
+    """
+    c = model.config
+    ref = model.blocks[0].self_attn.o.weight
+    dtype, device = dtype or ref.dtype, device or ref.device
+    if frame_seq_len < 1 or batch_size < 1:
+        raise ValueError(f"batch_size and frame_seq_len must be >= 1, got {batch_size}, {frame_seq_len}")
+    if c.local_attn_size is not None:
+        frames, window, sink = c.sink_size + c.local_attn_size, c.local_attn_size * frame_seq_len, c.sink_size
+    elif max_frames is None or max_frames < 1:
+        raise ValueError(f"new_kv_cache needs max_frames >= 1 when the model has no local window, got {max_frames}")
+    else:
+        frames, window, sink = max_frames, None, 0
+    shape = (batch_size, frames * frame_seq_len, c.num_heads, c.head_dim)
+    return [KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                    sink_tokens=sink * frame_seq_len, window_tokens=window)
+            for _ in range(c.num_layers)]
