@@ -1,0 +1,266 @@
+"""The one model-agnostic interface every distillation method is written against.
+
+Pieces (all small on purpose; the toy MLP and Wan plug into the same ones):
+
+``Denoiser``
+    Wraps a flow-prediction network ``net(x_t, t, cond) -> v`` (v = eps - x0, t in [0, T]).
+    ``flow`` calls the network, ``x0`` converts to a clean-sample prediction in float64 (like
+    upstream) and returns the input dtype, ``x0_guided`` applies CFG in either the standard form
+    (u + s (c - u)) or the upstream form (c + g (c - u)). ``cond`` is opaque to everything here: a
+    class-id tensor for the toy MLP, a dict of text embeddings for Wan.
+
+``DistillBatch``
+    What one optimisation step sees: ``cond`` / ``uncond`` conditions, the per-sample shape of a
+    generated sample, and optionally ``real`` clean samples (GAN/APT/progressive) and a stored ODE
+    ``trajectory`` with the timesteps it was stored at (ODE regression).
+
+``Rollout`` / ``RolloutOutput`` / ``FewStepRollout``
+    A rollout turns noise into generator samples that carry gradient. ``FewStepRollout`` is the
+    bidirectional (single-block) case of the Self-Forcing training rollout: draw an exit step
+    (``last_step_only`` forces the final one), run the steps before it under no_grad with x0
+    prediction and fresh re-noising, and run only the exit step with gradient. It reports
+    ``denoised_timestep_from/to`` exactly as upstream (nominal, un-shifted timesteps of the exit
+    step and the next step, used by ts_schedule / ts_schedule_max). A Wan KV-cache rollout
+    implements the same ``__call__`` and adds per-block semantics (same_step_across_blocks,
+    gradient_mask for the re-encoded first block).
+
+``DistillationMethod``
+    ``generator_loss(batch, step)`` and ``critic_loss(batch, step)`` return ``(loss, logs)`` with
+    ``logs`` a dict of floats. ``has_critic`` says whether the trainer should run critic steps;
+    ``generator_parameters()`` / ``critic_parameters()`` are what each optimizer owns. Methods
+    that need a notion of the student's inference steps expose ``student_step_list()``.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from megadistill.diffusion.flow_match import FlowMatchSchedule, _expand_like, add_noise_continuous
+from megadistill.diffusion.guidance import cfg, cfg_upstream
+from megadistill.diffusion.parameterization import flow_to_x0
+
+GUIDANCE_FORMS = ("standard", "upstream")
+
+
+def check_guidance_form(form: str, field: str = "guidance_form") -> None:
+    if form not in GUIDANCE_FORMS:
+        raise ValueError(f"{field} must be one of {GUIDANCE_FORMS}, got {form!r}")
+
+
+def is_unguided(scale: float, form: str) -> bool:
+    """True when CFG reduces to the conditional model (standard scale 1, upstream g 0)."""
+    return scale == (1.0 if form == "standard" else 0.0)
+
+
+class Denoiser(nn.Module):
+    """A flow-prediction network seen through the flow convention (see diffusion/flow_match.py)."""
+
+    def __init__(self, net: nn.Module, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.net = net
+        self.num_train_timesteps = num_train_timesteps
+
+    def flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, **kwargs) -> torch.Tensor:
+        return self.net(x_t, t, cond, **kwargs)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps
+
+    def flow_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # float64 like upstream's _convert_flow_pred_to_x0: at sigma ~ 1 the subtraction cancels.
+        sigma = self.sigma(t).to(x_t.device)
+        return flow_to_x0(v.double(), x_t.double(), _expand_like(sigma, x_t)).to(x_t.dtype)
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
+        return self.flow_to_x0(self.flow(x_t, t, cond), x_t, t)
+
+    def x0_guided(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float, form: str = "standard"
+    ) -> torch.Tensor:
+        """CFG on x0 predictions; one conditional call when the guidance is the identity."""
+        check_guidance_form(form, "form")
+        x0_c = self.x0(x_t, t, cond)
+        if is_unguided(scale, form):
+            return x0_c
+        x0_u = self.x0(x_t, t, uncond)
+        return cfg(x0_c, x0_u, scale) if form == "standard" else cfg_upstream(x0_c, x0_u, scale)
+
+    def flow_guided(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float, form: str = "standard"
+    ) -> torch.Tensor:
+        """CFG on flow predictions (equal to CFG on x0: the conversion is affine in v)."""
+        check_guidance_form(form, "form")
+        v_c = self.flow(x_t, t, cond)
+        if is_unguided(scale, form):
+            return v_c
+        v_u = self.flow(x_t, t, uncond)
+        return cfg(v_c, v_u, scale) if form == "standard" else cfg_upstream(v_c, v_u, scale)
+
+
+@dataclass
+class DistillBatch:
+    """Inputs of one step. ``sample_shape`` is the per-sample shape of x (e.g. (2,) or (F, C, H, W))."""
+
+    cond: Any
+    batch_size: int
+    sample_shape: Tuple[int, ...]
+    uncond: Any = None
+    real: Optional[torch.Tensor] = None
+    trajectory: Optional[torch.Tensor] = None  # [B, K + 1, *sample_shape]: states at steps, then clean
+    trajectory_steps: Optional[torch.Tensor] = None  # [K] timesteps the trajectory states were stored at
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in ("real", "trajectory"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != self.batch_size:
+                raise ValueError(f"{name} has batch {value.shape[0]}, expected batch_size {self.batch_size}")
+
+    def noise(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return torch.randn(
+            (self.batch_size, *self.sample_shape), generator=generator, device=self.device, dtype=self.dtype
+        )
+
+
+@dataclass
+class RolloutOutput:
+    samples: torch.Tensor  # generator x0 at the exit step, with grad when the rollout was asked for it
+    denoised_timestep_from: Optional[float] = None  # nominal timestep of the exit step
+    denoised_timestep_to: Optional[float] = None  # nominal timestep of the next step (0 after the last)
+    gradient_mask: Optional[torch.Tensor] = None  # bool, broadcastable to samples; None = all elements
+    exit_index: int = 0
+
+
+class Rollout(Protocol):
+    def __call__(self, generator: Denoiser, batch: DistillBatch, *, grad: bool) -> RolloutOutput: ...
+
+
+def nominal_timestep(t: float, schedule: FlowMatchSchedule) -> float:
+    """Upstream ``T - argmin |schedule.timesteps - t|``: the un-shifted timestep of a (warped) step.
+
+    DMD's ts_schedule draws t0 in [to, from] in this nominal space and then applies the timestep
+    shift, so the range lands back on the exit step's noise level.
+    """
+    idx = int(schedule.grid_index(torch.tensor([float(t)]))[0])
+    return float(schedule.num_train_timesteps - idx)
+
+
+class FewStepRollout:
+    """Self-Forcing training rollout for a single (bidirectional) block; see the module docstring.
+
+    ``schedule`` (optional) makes re-noising snap to its grid like upstream ``scheduler.add_noise``
+    and defines the nominal timesteps reported for ts_schedule; without it re-noising is continuous
+    and the nominal timestep is the step itself.
+    """
+
+    def __init__(
+        self,
+        step_list: Sequence[float],
+        last_step_only: bool = False,
+        schedule: Optional[FlowMatchSchedule] = None,
+        generator: Optional[torch.Generator] = None,
+        num_train_timesteps: int = 1000,
+    ):
+        steps = [float(s) for s in step_list]
+        if not steps:
+            raise ValueError("step_list is empty")
+        if any(a <= b for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"step_list must be strictly decreasing, got {steps}")
+        self.step_list = steps
+        self.last_step_only = last_step_only
+        self.schedule = schedule
+        self.generator = generator
+        self.num_train_timesteps = num_train_timesteps
+
+    def _nominal(self, t: float) -> float:
+        return nominal_timestep(t, self.schedule) if self.schedule is not None else t
+
+    def _renoise(self, x0: torch.Tensor, t: float) -> torch.Tensor:
+        eps = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype, device=x0.device)
+        t_b = torch.full((x0.shape[0],), t, dtype=torch.float64, device=x0.device)
+        if self.schedule is not None:
+            return self.schedule.add_noise(x0, eps, t_b)
+        return add_noise_continuous(x0, eps, (t_b / self.num_train_timesteps).to(x0.dtype))
+
+    def __call__(self, generator: Denoiser, batch: DistillBatch, *, grad: bool) -> RolloutOutput:
+        n = len(self.step_list)
+        if self.last_step_only:
+            exit_index = n - 1
+        else:
+            exit_index = int(torch.randint(0, n, (1,), generator=self.generator))
+        x = batch.noise(self.generator)
+        with torch.no_grad():
+            for i in range(exit_index):
+                t = torch.full((batch.batch_size,), self.step_list[i], dtype=torch.float64, device=x.device)
+                x = self._renoise(generator.x0(x, t, batch.cond), self.step_list[i + 1])
+        t = torch.full((batch.batch_size,), self.step_list[exit_index], dtype=torch.float64, device=x.device)
+        with torch.set_grad_enabled(grad):
+            samples = generator.x0(x, t, batch.cond)
+        t_from = self._nominal(self.step_list[exit_index])
+        t_to = 0.0 if exit_index == n - 1 else self._nominal(self.step_list[exit_index + 1])
+        return RolloutOutput(samples, t_from, t_to, None, exit_index)
+
+
+class DistillationMethod(abc.ABC):
+    """Base of every method; see the module docstring for the contract."""
+
+    name: str = "base"
+    has_critic: bool = False
+
+    @abc.abstractmethod
+    def generator_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        ...
+
+    def critic_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        raise NotImplementedError(f"method {self.name!r} has no critic (has_critic is False)")
+
+    @abc.abstractmethod
+    def generator_parameters(self) -> List[nn.Parameter]:
+        ...
+
+    def critic_parameters(self) -> List[nn.Parameter]:
+        return []
+
+    def student(self) -> Denoiser:
+        """The network used at inference (methods keep it as ``self.generator``)."""
+        return self.generator
+
+
+def trainable(module: nn.Module) -> List[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of x over the elements where mask is True (all elements when mask is None)."""
+    if mask is None:
+        return x.mean()
+    return x[mask.expand_as(x)].mean()
+
+
+def per_sample_mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """mean |x| over every dim but the batch, kept broadcastable ([B, 1, ...])."""
+    return x.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
+
+
+def logs_to_floats(**values: Any) -> Dict[str, float]:
+    return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
+
+
+__all__ = [
+    "Denoiser", "DistillBatch", "RolloutOutput", "Rollout", "FewStepRollout", "DistillationMethod",
+    "nominal_timestep", "trainable", "freeze", "masked_mean", "per_sample_mean_abs", "logs_to_floats",
+    "check_guidance_form", "is_unguided", "GUIDANCE_FORMS",
+]

@@ -1,0 +1,161 @@
+"""Progressive distillation (Salimans & Ho 2022) adapted to flow Euler sampling (SeedVR2 recipe).
+
+Stage k distils an N_k-step teacher sampler into an N_k / stride-step student: from a student
+grid point sigma_j (which is teacher grid point sigma_{j * stride}), ``stride`` teacher Euler steps
+land on x'' at sigma'' = the next student point; the student's single Euler step lands there too
+iff its flow equals
+
+    v* = (x'' - x) / (sigma'' - sigma)          (computed in float64)
+
+and the loss is MSE(v_student, v*) (SeedVR2: MSE on velocity). After each stage the teacher
+becomes a frozen copy of the student and the step count is divided by the stride. The first
+stage's teacher uses CFG ``guidance_scale``; later stages use ``later_guidance_scale`` (SeedVR2:
+7.5 at 64 steps, 1.0 afterwards), so the final student is sampled without CFG.
+
+Inputs x at sigma_j (j drawn per sample) are real clean samples noised to sigma_j (batch.real), as
+in Salimans & Ho.
+Grids are ``flow_inference_sigmas(N, shift)`` (shifted uniform grids are nested when N_k / N_{k+1}
+is an integer).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from megadistill.diffusion.flow_match import add_noise_continuous
+from megadistill.diffusion.samplers import flow_inference_sigmas
+
+from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, freeze, logs_to_floats, trainable
+
+
+@dataclass
+class ProgressiveConfig:
+    start_steps: int = 64
+    end_steps: int = 1
+    stride: int = 2
+    iterations_per_stage: int = 10000
+    shift: float = 1.0
+    guidance_scale: float = 7.5
+    later_guidance_scale: float = 1.0
+    guidance_form: str = "standard"
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        check_guidance_form(self.guidance_form)
+        if self.stride < 2:
+            raise ValueError(f"stride must be >= 2, got {self.stride}")
+        if self.end_steps < 1 or self.start_steps <= self.end_steps:
+            raise ValueError(f"need start_steps > end_steps >= 1, got {self.start_steps}, {self.end_steps}")
+        n = self.start_steps
+        while n > self.end_steps:
+            if n % self.stride:
+                raise ValueError(
+                    f"start_steps {self.start_steps} does not reach end_steps {self.end_steps} by dividing by "
+                    f"stride {self.stride} ({n} is not divisible)"
+                )
+            n //= self.stride
+        if n != self.end_steps:
+            raise ValueError(f"start_steps {self.start_steps} / stride^k never equals end_steps {self.end_steps}")
+        if self.iterations_per_stage < 1:
+            raise ValueError(f"iterations_per_stage must be >= 1, got {self.iterations_per_stage}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+    def step_counts(self) -> List[int]:
+        """[start, start / stride, ..., end]: the teacher of stage k has counts[k] steps."""
+        counts = [self.start_steps]
+        while counts[-1] > self.end_steps:
+            counts.append(counts[-1] // self.stride)
+        return counts
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.step_counts()) - 1
+
+
+def teacher_multistep_target(
+    v_fn, x: torch.Tensor, sigmas: torch.Tensor, num_train_timesteps: int = 1000
+) -> torch.Tensor:
+    """Flow v* such that one Euler step sigmas[0] -> sigmas[-1] equals Euler through every sigma.
+
+    x [B, ...] at sigmas[..., 0]; sigmas is [S + 1] (shared) or [B, S + 1] (per sample).
+    Integration and v* are float64.
+    """
+    sig = torch.as_tensor(sigmas, dtype=torch.float64, device=x.device)
+    if sig.dim() == 1:
+        sig = sig.expand(x.shape[0], -1)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    x64 = x.double()
+    y = x64
+    for i in range(sig.shape[1] - 1):
+        a, b = sig[:, i], sig[:, i + 1]
+        y = y + v_fn(y.to(x.dtype), a * num_train_timesteps).double() * (b - a).reshape(shape)
+    return (y - x64) / (sig[:, -1] - sig[:, 0]).reshape(shape)
+
+
+class ProgressiveDistillation(DistillationMethod):
+    name = "progressive"
+    has_critic = False
+
+    def __init__(
+        self, cfg: ProgressiveConfig, *, generator: Denoiser, teacher: Denoiser,
+        rng: Optional[torch.Generator] = None, **_,
+    ):
+        self.cfg = cfg
+        self.generator = generator
+        self.teacher = teacher
+        self.rng = rng
+        self.stage = 0
+
+    def generator_parameters(self) -> List[nn.Parameter]:
+        return trainable(self.generator)
+
+    def stage_for(self, step: int) -> int:
+        return min(step // self.cfg.iterations_per_stage, self.cfg.num_stages - 1)
+
+    def teacher_guidance(self) -> float:
+        return self.cfg.guidance_scale if self.stage == 0 else self.cfg.later_guidance_scale
+
+    def _advance_to(self, stage: int) -> None:
+        while self.stage < stage:
+            # The student of the finished stage becomes the next stage's (frozen) teacher.
+            self.teacher = freeze(copy.deepcopy(self.generator))
+            self.stage += 1
+
+    def teacher_sigmas(self) -> torch.Tensor:
+        return flow_inference_sigmas(self.cfg.step_counts()[self.stage], self.cfg.shift)
+
+    def student_step_list(self) -> List[float]:
+        """Timesteps of the current student (no terminal 0)."""
+        n = self.cfg.step_counts()[self.stage + 1]
+        return [float(s) * self.cfg.num_train_timesteps for s in flow_inference_sigmas(n, self.cfg.shift)[:-1]]
+
+    def final_step_list(self) -> List[float]:
+        n = self.cfg.end_steps
+        return [float(s) * self.cfg.num_train_timesteps for s in flow_inference_sigmas(n, self.cfg.shift)[:-1]]
+
+    def generator_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        if batch.real is None:
+            raise ValueError("progressive distillation needs batch.real (clean samples to noise)")
+        self._advance_to(self.stage_for(step))
+        stride, T = self.cfg.stride, self.cfg.num_train_timesteps
+        teacher_sigmas = self.teacher_sigmas()
+        num_student = (len(teacher_sigmas) - 1) // stride
+        # One student grid index per sample; its segment is ``stride`` teacher steps long.
+        j = torch.randint(0, num_student, (batch.batch_size,), generator=self.rng)
+        seg = teacher_sigmas[j[:, None] * stride + torch.arange(stride + 1)[None, :]].to(batch.real.device)
+        sigma = seg[:, 0]
+        eps = torch.randn(batch.real.shape, generator=self.rng, dtype=batch.real.dtype, device=batch.real.device)
+        x = add_noise_continuous(batch.real, eps, sigma.to(batch.real.dtype))
+        scale, form = self.teacher_guidance(), self.cfg.guidance_form
+        with torch.no_grad():
+            v_target = teacher_multistep_target(
+                lambda y, t: self.teacher.flow_guided(y, t, batch.cond, batch.uncond, scale, form), x, seg, T
+            )
+        v = self.generator.flow(x, sigma * T, batch.cond)
+        loss = ((v.double() - v_target) ** 2).mean()
+        return loss, logs_to_floats(progressive_loss=loss, stage=self.stage, timestep=(sigma * T).mean())

@@ -1,0 +1,153 @@
+"""What DMD and SiD share: score timestep sampling, the real (teacher) and fake (critic) scores, and
+the critic's denoising loss on a no_grad generator rollout (Self-Forcing ``model/dmd.py``).
+
+Timesteps (upstream ``_get_timestep`` + shift + clamp):
+    t0 ~ randint(min_t, max_t)   min_t = denoised_timestep_to if ts_schedule else min_score_timestep
+                                 max_t = denoised_timestep_from if ts_schedule_max else T
+    t = T * shift_sigma(t0 / T, timestep_shift), clamped to [min_step_ratio T, max_step_ratio T]
+    x_t = (1 - sigma) x + sigma eps, sigma snapped to the FlowMatch grid (shift = timestep_shift)
+    when ``snap_noise_to_grid`` (upstream scheduler.add_noise), else continuous.
+
+Real score: teacher x0 with CFG, ``guidance_form`` "upstream" (x_c + g (x_c - x_u); Self-Forcing's
+guidance_scale 3.0 is standard CFG 4.0) or "standard" (x_u + s (x_c - x_u)).
+Critic loss: ``flow``: mean((v_fake - (eps - x))^2) in float64 (upstream converts x0_fake back to
+flow; with the same sigma that round trip is the identity, so the critic's flow is used directly);
+``x0``: mean((x0_fake - x)^2) (Wan2.2-TI2V fork).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from megadistill.diffusion.flow_match import FlowMatchSchedule, add_noise_continuous, shift_timestep
+
+from .base import (
+    Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, check_guidance_form, logs_to_floats,
+    trainable,
+)
+
+CRITIC_LOSS_TYPES = ("flow", "x0")
+
+
+@dataclass
+class ScoreDistillConfig:
+    """Fields shared by DMD and SiD (defaults = Self-Forcing self_forcing_dmd.yaml)."""
+
+    guidance_scale: float = 3.0
+    guidance_form: str = "upstream"
+    timestep_shift: float = 5.0
+    min_step_ratio: float = 0.02
+    max_step_ratio: float = 0.98
+    min_score_timestep: int = 0
+    ts_schedule: bool = False
+    ts_schedule_max: bool = False
+    snap_noise_to_grid: bool = True
+    critic_loss_type: str = "flow"
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        check_guidance_form(self.guidance_form)
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+        if not 0.0 <= self.min_step_ratio < self.max_step_ratio <= 1.0:
+            raise ValueError(
+                f"need 0 <= min_step_ratio < max_step_ratio <= 1, got {self.min_step_ratio}, {self.max_step_ratio}"
+            )
+        if not 0 <= self.min_score_timestep < self.num_train_timesteps:
+            raise ValueError(
+                f"min_score_timestep must be in [0, {self.num_train_timesteps}), got {self.min_score_timestep}"
+            )
+        if self.critic_loss_type not in CRITIC_LOSS_TYPES:
+            raise ValueError(f"critic_loss_type must be one of {CRITIC_LOSS_TYPES}, got {self.critic_loss_type!r}")
+
+
+def timestep_range(cfg: ScoreDistillConfig, rollout: Optional[RolloutOutput]) -> Tuple[int, int]:
+    """[min_t, max_t) of the nominal draw, narrowed to the rollout's denoised range when asked."""
+    lo, hi = cfg.min_score_timestep, cfg.num_train_timesteps
+    if rollout is not None and cfg.ts_schedule and rollout.denoised_timestep_to is not None:
+        lo = int(rollout.denoised_timestep_to)
+    if rollout is not None and cfg.ts_schedule_max and rollout.denoised_timestep_from is not None:
+        hi = int(rollout.denoised_timestep_from)
+    return lo, max(hi, lo + 1)  # randint needs a non-empty range
+
+
+def sample_score_timesteps(
+    cfg: ScoreDistillConfig,
+    batch_size: int,
+    rollout: Optional[RolloutOutput] = None,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """float64 [B] timesteps for the DMD / SiD / critic score evaluation (see module docstring)."""
+    lo, hi = timestep_range(cfg, rollout)
+    t0 = torch.randint(lo, hi, (batch_size,), generator=generator).to(torch.float64)
+    t = shift_timestep(t0, cfg.timestep_shift, cfg.num_train_timesteps)
+    t = t.clamp(cfg.min_step_ratio * cfg.num_train_timesteps, cfg.max_step_ratio * cfg.num_train_timesteps)
+    return t.to(device) if device is not None else t
+
+
+def add_score_noise(cfg: ScoreDistillConfig, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    if cfg.snap_noise_to_grid:
+        schedule = FlowMatchSchedule(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.timestep_shift)
+        return schedule.add_noise(x, eps, t)
+    return add_noise_continuous(x, eps, (t / cfg.num_train_timesteps).to(x.dtype))
+
+
+def critic_denoising_loss(
+    critic: Denoiser, x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond, loss_type: str
+) -> torch.Tensor:
+    """Denoising loss of the fake score on noised generator samples (float64, unweighted mean)."""
+    if loss_type == "flow":
+        return ((critic.flow(x_t, t, cond).double() - (eps.double() - x.double())) ** 2).mean()
+    if loss_type == "x0":
+        return ((critic.x0(x_t, t, cond).double() - x.double()) ** 2).mean()
+    raise ValueError(f"critic loss_type must be one of {CRITIC_LOSS_TYPES}, got {loss_type!r}")
+
+
+class ScoreDistillationMethod(DistillationMethod):
+    """Generator vs frozen teacher (real score) and a trainable critic (fake score)."""
+
+    has_critic = True
+
+    def __init__(
+        self,
+        cfg: ScoreDistillConfig,
+        *,
+        generator: Denoiser,
+        teacher: Denoiser,
+        critic: Denoiser,
+        rollout: Rollout,
+        rng: Optional[torch.Generator] = None,
+    ):
+        self.cfg = cfg
+        self.generator = generator
+        self.teacher = teacher
+        self.critic = critic
+        self.rollout = rollout
+        self.rng = rng
+
+    def generator_parameters(self) -> List[nn.Parameter]:
+        return trainable(self.generator)
+
+    def critic_parameters(self) -> List[nn.Parameter]:
+        return trainable(self.critic)
+
+    def noised(self, x: torch.Tensor, batch_size: int, rollout: Optional[RolloutOutput]):
+        """(x_t, t, eps) for the score evaluation of samples x."""
+        t = sample_score_timesteps(self.cfg, batch_size, rollout, self.rng, x.device)
+        eps = torch.randn(x.shape, generator=self.rng, dtype=x.dtype, device=x.device)
+        return add_score_noise(self.cfg, x, eps, t), t, eps
+
+    def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, batch: DistillBatch) -> torch.Tensor:
+        return self.teacher.x0_guided(x_t, t, batch.cond, batch.uncond, self.cfg.guidance_scale, self.cfg.guidance_form)
+
+    def critic_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
+        with torch.no_grad():
+            out = self.rollout(self.generator, batch, grad=False)
+            x = out.samples.detach()
+            x_t, t, eps = self.noised(x, batch.batch_size, out)
+        loss = critic_denoising_loss(self.critic, x, x_t, t, eps, batch.cond, self.cfg.critic_loss_type)
+        return loss, logs_to_floats(critic_loss=loss, critic_timestep=t.mean())

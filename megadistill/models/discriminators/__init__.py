@@ -1,0 +1,1 @@
+"""Discriminators for adversarial distillation: register-token heads on a backbone's hidden states."""

@@ -1,0 +1,1 @@
+"""Tiny models for the toy distillation lab (CPU, seconds to train)."""
