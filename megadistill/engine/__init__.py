@@ -1,0 +1,1 @@
+"""DeepSpeed training engine: configs, engines, the distillation loop, sharded EMA and checkpoints."""

@@ -1,0 +1,254 @@
+"""DeepSpeed engines for the generator and the critic, and the frozen teacher partitioned by ZeRO-3.
+
+Each trained model gets its own engine: its own AdamW, warmup LR schedule and clip norm, with the
+ZeRO stage of the (validated) ds_config. The teacher has no optimizer state: under stage 3 it is
+wrapped in a DeepSpeed engine without optimizer, which partitions its parameters across ranks and
+gathers them module by module on use; under stages 0-2 it stays a plain frozen module.
+
+The engines wrap the very modules the method holds (``method.generator`` etc.): ZeRO-3 installs its
+gather/release hooks on the modules themselves, so the method keeps calling them directly and never
+needs to know about DeepSpeed.
+
+``init_distributed`` works under the ``deepspeed`` launcher, ``torchrun`` (both set RANK/WORLD_SIZE)
+and plain ``python`` (it then starts a one-process group itself), with NCCL on GPU and gloo on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import OptimConfig, model_ds_config, zero_stage
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _skip_cpu_shm_kernel() -> None:
+    """On CPU DeepSpeed would JIT-compile its shared-memory all-reduce kernel (minutes on first use,
+    needs a C++ toolchain) for a speed-up of inference-style all-reduce only; gloo does our
+    collectives. MEGADISTILL_DS_SHM=1 keeps DeepSpeed's default."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or os.environ.get("MEGADISTILL_DS_SHM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
+    """Join (or, under plain ``python``, create) the default process group; idempotent."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    _skip_cpu_shm_kernel()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if dist.is_initialized():  # someone else made the group: trust it
+            os.environ.update(RANK=str(dist.get_rank()), WORLD_SIZE=str(dist.get_world_size()))
+        else:  # plain `python`: a one-process group, so every code path is the distributed one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accel = get_accelerator()
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    deepspeed.init_distributed(
+        dist_backend=accel.communication_backend_name(),
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def model_init_context(ds: Dict[str, Any]):
+    """Context to construct models in so that, under ZeRO-3, each parameter is partitioned as soon as
+    its module is built (``deepspeed.zero.Init``): no rank ever holds a full 14B teacher. Under stages
+    0-2 it does nothing. Needs the process group (``init_distributed``) and a validated ds_config.
+
+    Inside it, a module's own ``__init__`` code that touches a submodule's weights after building it
+    (``nn.init.zeros_(self.proj.weight)``) sees an empty partition and does nothing: load real weights
+    afterwards with ``load_full_state_dict``."""
+    if zero_stage(ds) != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    _skip_cpu_shm_kernel()
+    return deepspeed.zero.Init(config_dict_or_path=model_ds_config(ds, None))
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """LR multiplier at optimizer step ``step`` (0-based): linear ramp (step + 1) / warmup, then 1."""
+    if warmup_steps <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+def build_optimizer(params: Sequence[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer has no trainable parameters")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(warmup_factor, warmup_steps=cfg.warmup_steps))
+
+
+def _check_params_belong(module: nn.Module, params: Sequence[nn.Parameter], role: str) -> None:
+    owned = {id(p) for p in module.parameters()}
+    stray = sum(id(p) not in owned for p in params)
+    if stray:
+        raise ValueError(f"{stray} of the {role} parameters do not belong to the {role} module")
+
+
+def build_train_engine(module: nn.Module, params: Sequence[nn.Parameter], optim: OptimConfig, ds: Dict[str, Any], role: str):
+    """A DeepSpeed engine training ``params`` (a subset of ``module``'s) with AdamW + warmup."""
+    import deepspeed
+
+    _skip_cpu_shm_kernel()
+    params = list(params)
+    _check_params_belong(module, params, role)
+    optimizer = build_optimizer(params, optim)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, optim),
+        config=model_ds_config(ds, optim),
+    )
+    return engine
+
+
+def build_frozen(module: nn.Module, ds: Dict[str, Any], device: torch.device):
+    """Freeze ``module``; under ZeRO-3 partition it with an optimizer-less engine (returned), else
+    move it to the device and precision of the trained models and return None."""
+    import deepspeed
+
+    for p in module.parameters():
+        p.requires_grad_(False)
+    module.eval()
+    if zero_stage(ds) == 3:
+        _skip_cpu_shm_kernel()
+        engine, _, _, _ = deepspeed.initialize(model=module, config=model_ds_config(ds, None))
+        engine.eval()
+        return engine
+    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else None
+    module.to(device=device, dtype=dtype)
+    return None
+
+
+@dataclass
+class Engines:
+    generator: Any  # deepspeed.DeepSpeedEngine
+    critic: Optional[Any]
+    teacher: Optional[Any]  # optimizer-less engine under ZeRO-3, else None (plain module)
+    ds_config: Dict[str, Any]
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage(self.ds_config)
+
+    def trained(self) -> Dict[str, Any]:
+        """role -> engine of every model with optimizer state (what a checkpoint holds)."""
+        out = {"generator": self.generator}
+        if self.critic is not None:
+            out["critic"] = self.critic
+        return out
+
+
+def method_modules(method) -> Dict[str, Optional[nn.Module]]:
+    """The generator / critic / teacher modules a method holds, by the attribute names of methods/."""
+    critic = getattr(method, "critic", None)
+    if critic is None:
+        critic = getattr(method, "discriminator", None)
+    return {"generator": method.generator, "critic": critic, "teacher": getattr(method, "teacher", None)}
+
+
+def build_engines(
+    method,
+    ds: Dict[str, Any],
+    generator_optim: OptimConfig,
+    critic_optim: OptimConfig,
+    device: torch.device,
+) -> Engines:
+    """Engines for ``method``'s models from a validated ds_config (see config.load_ds_config)."""
+    modules = method_modules(method)
+    generator = build_train_engine(modules["generator"], method.generator_parameters(), generator_optim, ds, "generator")
+    critic = None
+    if method.has_critic:
+        if modules["critic"] is None:
+            raise ValueError(f"method {method.name!r} has a critic but no .critic / .discriminator module")
+        critic = build_train_engine(modules["critic"], method.critic_parameters(), critic_optim, ds, "critic")
+    teacher = None
+    if modules["teacher"] is not None:
+        teacher = build_frozen(modules["teacher"], ds, device)
+    return Engines(generator, critic, teacher, ds)
+
+
+def begin_micro_batch(engine) -> None:
+    """What ``engine.forward`` does before a forward, for models the method calls directly.
+
+    DeepSpeed's ZeRO optimizers count micro-steps at the start of ``engine.forward``; without that
+    count ZeRO-3 overwrites instead of accumulating the gradient partitions of earlier micro-batches
+    (a run with grad_accum k then trains on its last micro-batch only). Methods call the modules,
+    not the engines, so the trainer calls this once per micro-batch, before the loss.
+    """
+    clear = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
+    if clear is not None:
+        clear()
+
+
+def set_requires_grad(params: List[nn.Parameter], flag: bool) -> None:
+    for p in params:
+        p.requires_grad_(flag)
+
+
+@torch.no_grad()
+def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """Full CPU copies of ``module``'s parameters on every rank (a collective gather under ZeRO-3)."""
+    named = list(module.named_parameters())
+    if any(hasattr(p, "ds_id") for _, p in named):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().clone().cpu() for n, p in named}
+    return {n: p.detach().clone().cpu() for n, p in named}
+
+
+@torch.no_grad()
+def load_full_state_dict(module: nn.Module, state: Dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Copy full tensors into ``module``'s parameters; under ZeRO-3 one parameter at a time is
+    gathered, written on rank 0 and re-partitioned (every rank must call it; rank 0's ``state`` wins)."""
+    named = dict(module.named_parameters())
+    missing, unexpected = sorted(set(named) - set(state)), sorted(set(state) - set(named))
+    if strict and (missing or unexpected):
+        raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, p in named.items():
+        if name not in state:
+            continue
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.copy_(state[name].to(p.dtype))
+        else:
+            p.copy_(state[name].to(device=p.device, dtype=p.dtype))

@@ -1,0 +1,298 @@
+"""The distillation training loop over a ``DistillationMethod`` on DeepSpeed engines.
+
+One step (upstream Self-Forcing order):
+    if step % dfake_gen_update_ratio == 0 (every step for methods without a critic):
+        generator update: grad_accum micro-batches, engine.backward + engine.step each
+        (DeepSpeed averages over micro-batches and ranks, clips, and steps the optimizer and LR
+        schedule at the accumulation boundary); then the sharded EMA update
+    critic update (methods with a critic): the same with the critic engine
+While one model is updated the other trained model's parameters are frozen (requires_grad off), so a
+loss that backpropagates through it (SiD's generator loss goes through the critic) leaves no stray
+gradients in its optimizer. Logged values are averaged over micro-batches and then over ranks.
+
+Seeds: rank 0's seed is broadcast, then python/numpy/torch and the named generators are seeded with
+seed + rank. Checkpoints every ``save_every`` steps, at the last step, and when SIGTERM / SIGUSR1
+arrives on any rank (SLURM preemption): the current step is finished, everything is saved, and
+``train`` returns. A new run in the same checkpoint dir resumes from the latest complete checkpoint and
+continues the loss trajectory bit-for-bit on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from megadistill.methods.base import DistillationMethod
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, load_ds_config
+from .data_source import DataSource
+from .ema import ShardedEMA
+from .engines import Engines, begin_micro_batch, build_engines, init_distributed, set_requires_grad
+from .rng import broadcast_seed, capture_rng_state, restore_rng_state, seed_everything
+
+logger = logging.getLogger(__name__)
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+Callback = Callable[["Trainer", Dict[str, float]], None]
+
+
+class PreemptionHandler:
+    """Records SIGTERM / SIGUSR1 instead of dying, so the step in flight can finish and be saved."""
+
+    def __init__(self, signals: Sequence[int] = PREEMPT_SIGNALS):
+        self.signals = tuple(signals)
+        self.requested = False
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        logger.warning("received signal %d: finishing the current step, then saving a checkpoint", signum)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one (preemption reaches ranks unevenly)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean_over_ranks(logs: Dict[str, float]) -> Dict[str, float]:
+    """Average every logged float over the ranks that logged it (methods may log a key only when it
+    occurs in the batch, e.g. per-timestep-bucket losses, so key sets can differ between ranks)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(logs)
+    key_sets: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(key_sets, sorted(logs))
+    keys = sorted(set().union(*key_sets))
+    t = torch.tensor([[logs.get(k, 0.0), float(k in logs)] for k in keys], dtype=torch.float64).reshape(-1, 2)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    t = t.cpu()
+    return {k: float(total / count) for k, (total, count) in zip(keys, t.tolist())}
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """Global L2 norm of the (already data-parallel averaged) gradients of ``module``, pre-clipping."""
+    grads = [p.grad.detach().double() for p in module.parameters() if p.grad is not None]
+    return float(torch.sqrt(sum((g * g).sum() for g in grads))) if grads else 0.0
+
+
+def _float(value: Any) -> float:
+    return float(value.detach()) if torch.is_tensor(value) else float(value)
+
+
+class Trainer:
+    """Builds engines for ``method`` and trains it; see the module docstring.
+
+    ``data`` is this rank's stream (seed it with ``rng.derive_seed(seed, rank, "data")``).
+    ``generators`` are named torch.Generators the method uses (e.g. its ``rng``), seeded per rank.
+    ``shared_generators`` are seeded identically on every rank: ZeRO-3 gathers parameters inside
+    every module call, so a random choice that changes which modules run (the rollout's exit step,
+    upstream's ``generate_and_sync_list``) must be drawn the same on all ranks or the collectives
+    mismatch. Both kinds are checkpointed with the other RNG states. The method's models must be
+    identical on every rank when passed in (same seed or same checkpoint).
+    """
+
+    def __init__(
+        self,
+        method: DistillationMethod,
+        data: DataSource,
+        train: TrainConfig,
+        ds_config: Union[str, Dict[str, Any]],
+        checkpoint_dir: Optional[str] = None,
+        generators: Optional[Mapping[str, torch.Generator]] = None,
+        shared_generators: Optional[Mapping[str, torch.Generator]] = None,
+        callbacks: Sequence[Callback] = (),
+    ):
+        self.method, self.data, self.train_cfg = method, data, train
+        self.checkpoint_dir = checkpoint_dir
+        self.generators = dict(generators or {})
+        self.shared_generators = dict(shared_generators or {})
+        overlap = sorted(set(self.generators) & set(self.shared_generators))
+        if overlap:
+            raise ValueError(f"generator names {overlap} are both per-rank and shared")
+        self.callbacks = list(callbacks)
+        self.dist = init_distributed()
+        # Everything that can be wrong with the configs fails here, before any engine exists.
+        ds = load_ds_config(ds_config, train, self.dist.world_size)
+        self.resume_path = self._resume_path(checkpoint_dir, train)
+        self.seed = broadcast_seed(train.seed)
+        seed_everything(self.seed, self.dist.rank, self.generators, self.shared_generators)
+        self.engines: Engines = build_engines(method, ds, train.generator_optim, train.critic_optim, self.dist.device)
+        self.ema: Optional[ShardedEMA] = None
+        if train.ema.enabled:
+            named = [(n, p) for n, p in method.generator.named_parameters() if p.requires_grad]
+            self.ema = ShardedEMA(named, train.ema.decay, train.ema.start_step, self.dist.rank, self.dist.world_size)
+        self.step = 0  # completed steps
+        self.resumed_from: Optional[str] = None
+        if self.resume_path is not None:
+            self.resume(self.resume_path)
+
+    def _resume_path(self, checkpoint_dir: Optional[str], train: TrainConfig) -> Optional[str]:
+        """The checkpoint this run starts from, checked before any engine is built."""
+        if train.resume_from:
+            path = train.resume_from
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"train.resume_from: checkpoint directory not found: {path}")
+            if not ckpt.is_complete(path):
+                raise FileNotFoundError(f"train.resume_from: {path} is not a complete checkpoint "
+                                        f"(no {ckpt.COMPLETE} marker: the save was interrupted)")
+        elif checkpoint_dir is not None and train.resume:
+            path = ckpt.find_latest(checkpoint_dir)
+            if path is None:
+                return None
+        else:
+            return None
+        saved_world = ckpt.read_trainer_state(path)["world_size"]
+        if saved_world != self.dist.world_size:
+            raise ValueError(f"checkpoint {path} was written by {saved_world} ranks, this run has "
+                             f"{self.dist.world_size}; resume with the same world size")
+        return path
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    # ------------------------------------------------------------------ one model update
+    def _update(self, role: str) -> Dict[str, float]:
+        engine = self.engines.generator if role == "generator" else self.engines.critic
+        loss_fn = self.method.generator_loss if role == "generator" else self.method.critic_loss
+        other = self.method.critic_parameters() if role == "generator" else self.method.generator_parameters()
+        lr = float(engine.get_lr()[0])  # the rate this update uses (the schedule steps with it)
+        set_requires_grad(other, False)
+        try:
+            totals: Dict[str, float] = {}
+            counts: Dict[str, int] = {}
+            plain_norm = None
+            for micro in range(self.train_cfg.grad_accum):
+                begin_micro_batch(engine)
+                loss, logs = loss_fn(self.data.next_batch(), self.step)
+                engine.backward(loss)
+                if micro == self.train_cfg.grad_accum - 1 and engine.zero_optimization_stage() == 0:
+                    plain_norm = _grad_norm(engine.module)  # DeepSpeed records none without ZeRO
+                engine.step()
+                for k, v in {"loss": loss, **logs}.items():
+                    totals[k] = totals.get(k, 0.0) + _float(v)
+                    counts[k] = counts.get(k, 0) + 1
+        finally:
+            set_requires_grad(other, True)
+        out = {f"{role}/{k}": v / counts[k] for k, v in totals.items()}
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = plain_norm if grad_norm is None else grad_norm
+        if grad_norm is not None:
+            out[f"{role}/grad_norm"] = _float(grad_norm)
+        out[f"{role}/lr"] = lr
+        return out
+
+    def train_step(self) -> Dict[str, float]:
+        ratio = self.train_cfg.dfake_gen_update_ratio if self.method.has_critic else 1
+        start = time.perf_counter()
+        if self.ema is not None:
+            self.ema.maybe_start(self.step)
+        logs: Dict[str, float] = {}
+        if self.step % ratio == 0:
+            logs.update(self._update("generator"))
+            if self.ema is not None:
+                self.ema.update()
+        if self.method.has_critic:
+            logs.update(self._update("critic"))
+        logs = mean_over_ranks(logs)
+        logs["step"] = float(self.step)
+        logs["step_time_s"] = time.perf_counter() - start
+        self.step += 1
+        return logs
+
+    def train(self) -> List[Dict[str, float]]:
+        """Run to ``max_steps`` (or preemption); returns the logs of every step run here."""
+        cfg = self.train_cfg
+        history: List[Dict[str, float]] = []
+        with PreemptionHandler() as preempt:
+            while self.step < cfg.max_steps:
+                logs = self.train_step()
+                history.append(logs)
+                if self.rank == 0 and cfg.log_every and (self.step - 1) % cfg.log_every == 0:
+                    logger.info(format_log_line(logs, cfg.max_steps))
+                for cb in self.callbacks:
+                    cb(self, logs)
+                stop = any_rank(preempt.requested)
+                periodic = cfg.save_every and self.step % cfg.save_every == 0
+                if self.checkpoint_dir is not None and (periodic or stop or self.step == cfg.max_steps):
+                    self.save()
+                if stop:
+                    logger.warning("preempted after step %d; checkpoint saved", self.step)
+                    break
+        return history
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> Dict[str, Any]:
+        return {
+            "step": self.step, "world_size": self.dist.world_size, "zero_stage": self.engines.zero_stage,
+            "engines": sorted(self.engines.trained()), "seed": self.seed,
+            "ema_started": bool(self.ema is not None and self.ema.started),
+        }
+
+    def rank_state(self) -> Dict[str, Any]:
+        return {
+            "rng": capture_rng_state({**self.generators, **self.shared_generators}),
+            "data": self.data.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def save(self) -> str:
+        if self.checkpoint_dir is None:
+            raise ValueError("Trainer has no checkpoint_dir")
+        return ckpt.save_checkpoint(
+            self.checkpoint_dir, self.step, self.engines.trained(), self.rank_state(), self.trainer_state(),
+            self.train_cfg.keep_last, self.rank,
+        )
+
+    def resume(self, path: Optional[str] = None) -> Optional[str]:
+        """Load ``path`` (default: the latest complete checkpoint); None when there is none."""
+        path = path or ckpt.find_latest(self.checkpoint_dir)
+        if path is None:
+            return None
+        rank_state, state = ckpt.load_checkpoint(path, self.engines.trained(), self.rank, self.dist.world_size)
+        if self.ema is not None:
+            if rank_state["ema"] is None:
+                raise ValueError(f"checkpoint {path} has no EMA state but train.ema is enabled")
+            self.ema.load_state_dict(rank_state["ema"])
+        self.data.load_state_dict(rank_state["data"])
+        restore_rng_state(rank_state["rng"], {**self.generators, **self.shared_generators})
+        self.step = int(state["step"])
+        self.resumed_from = path
+        if self.rank == 0:
+            logger.info("resumed from %s at step %d", path, self.step)
+        return path
+
+
+def format_log_line(logs: Dict[str, float], max_steps: int) -> str:
+    step = int(logs["step"])
+    parts = [f"step {step + 1}/{max_steps}"]
+    for key in ("generator/loss", "critic/loss", "generator/grad_norm", "critic/grad_norm"):
+        if key in logs:
+            parts.append(f"{key} {logs[key]:.4g}")
+    parts.append(f"{logs['step_time_s']:.2f} s/step")
+    return " | ".join(parts)
