@@ -26,6 +26,8 @@ setup(
         "safetensors",
         "tqdm",
         "einops",
+        # ZeRO engines; on CPU it picks its CPU accelerator and gloo by itself.
+        "deepspeed>=0.19.8,<0.20",
     ],
     extras_require={
         "dev": ["pytest>=7", "diffusers>=0.35", "transformers>=4.50", "accelerate", "scipy"],

@@ -205,12 +205,13 @@ def read_yaml(path: str) -> dict:
 def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = ()):
     """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus overrides, strictly."""
     data = read_yaml(path) if path else {}
+    data = apply_overrides(cls, data, overrides)
     try:
-        data = apply_overrides(cls, data, overrides)
         return from_dict(cls, data)
     except ConfigError as e:
         if path:
-            raise ConfigError(f"{path}: {e}") from e
+            origin = f"{path} + command-line overrides" if overrides else path
+            raise ConfigError(f"{origin}: {e}") from e
         raise
 
 
