@@ -176,11 +176,12 @@ class Engines:
 
 
 def method_modules(method) -> Dict[str, Optional[nn.Module]]:
-    """The generator / critic / teacher modules a method holds, by the attribute names of methods/."""
-    critic = getattr(method, "critic", None)
-    if critic is None:
-        critic = getattr(method, "discriminator", None)
-    return {"generator": method.generator, "critic": critic, "teacher": getattr(method, "teacher", None)}
+    """The generator / critic / teacher modules a method holds (methods/base.py attribute names)."""
+    return {
+        "generator": method.generator,
+        "critic": getattr(method, "critic", None),
+        "teacher": getattr(method, "teacher", None),
+    }
 
 
 def build_engines(
@@ -196,7 +197,7 @@ def build_engines(
     critic = None
     if method.has_critic:
         if modules["critic"] is None:
-            raise ValueError(f"method {method.name!r} has a critic but no .critic / .discriminator module")
+            raise ValueError(f"method {method.name!r} has a critic but no .critic module")
         critic = build_train_engine(modules["critic"], method.critic_parameters(), critic_optim, ds, "critic")
     teacher = None
     if modules["teacher"] is not None:

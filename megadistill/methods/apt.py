@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
 from megadistill.diffusion.flow_match import add_noise_continuous, shift_sigma
 from megadistill.diffusion.losses import LOSS_KINDS, distillation_loss
@@ -62,7 +61,7 @@ from .adversarial import (
     generator_adversarial_loss,
     lazy_regularization_weight,
 )
-from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, logs_to_floats, trainable
+from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, logs_to_floats
 
 APT_TARGETS = ("teacher", "real")
 
@@ -138,15 +137,11 @@ class APTDistillation(DistillationMethod):
             raise ValueError("target='teacher' needs a teacher (or use target='real')")
         self.cfg = cfg
         self.generator = generator
-        self.discriminator = critic
+        self.critic = critic
         self.teacher = teacher
         self.rng = rng
 
-    def generator_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.generator)
 
-    def critic_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.discriminator)
 
     def student_step_list(self) -> List[float]:
         return [float(self.cfg.num_train_timesteps)]
@@ -183,7 +178,7 @@ class APTDistillation(DistillationMethod):
         eps = torch.randn(fake.shape, generator=self.rng, dtype=fake.dtype, device=fake.device)
         sigma = (t / cfg.num_train_timesteps).to(fake.dtype)
         fake_t, real_t = add_noise_continuous(fake, eps, sigma), add_noise_continuous(real.to(fake.dtype), eps, sigma)
-        out = self.discriminator(torch.cat([fake_t, real_t]), torch.cat([t, t]), cat_batch(batch.cond, batch.cond))
+        out = self.critic(torch.cat([fake_t, real_t]), torch.cat([t, t]), cat_batch(batch.cond, batch.cond))
         b = fake.shape[0]
         feats_fake, feats_real = [f[:b] for f in out.features], [f[b:] for f in out.features]
         return t, fake_t, real_t, out.logits[:b], out.logits[b:], feats_fake, feats_real
@@ -197,7 +192,7 @@ class APTDistillation(DistillationMethod):
         loss = cfg.distill_weight * distill
         logs = dict(distill_loss=distill)
         if cfg.gan_g_weight > 0 or cfg.fm_weight > 0:
-            with frozen(self.discriminator):
+            with frozen(self.critic):
                 _, _, _, d_fake, d_real, f_fake, f_real = self._discriminate(fake, target.detach(), batch)
             g_loss = generator_adversarial_loss(cfg.gan_loss, d_real.detach(), d_fake)
             fm = feature_matching_loss(f_fake, [f.detach() for f in f_real])
@@ -217,7 +212,7 @@ class APTDistillation(DistillationMethod):
         lazy = lazy_regularization_weight(step, cfg.reg_interval)
         if lazy > 0 and (cfg.r1_weight > 0 or cfg.r2_weight > 0):
             def logits(x):
-                return self.discriminator(x, t, batch.cond).logits
+                return self.critic(x, t, batch.cond).logits
 
             scale = lazy * apt_to_gradient_scale(1.0, cfg.reg_sigma)
             if cfg.r1_weight > 0:

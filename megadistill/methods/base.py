@@ -221,12 +221,14 @@ class DistillationMethod(abc.ABC):
     def critic_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         raise NotImplementedError(f"method {self.name!r} has no critic (has_critic is False)")
 
-    @abc.abstractmethod
     def generator_parameters(self) -> List[nn.Parameter]:
-        ...
+        """What the generator optimizer owns: the trainable parameters of ``self.generator``."""
+        return trainable(self.generator)
 
     def critic_parameters(self) -> List[nn.Parameter]:
-        return []
+        """What the critic optimizer owns: ``self.critic`` (score network or discriminator), if any."""
+        critic = getattr(self, "critic", None)
+        return trainable(critic) if critic is not None else []
 
     def student(self) -> Denoiser:
         """The network used at inference (methods keep it as ``self.generator``)."""

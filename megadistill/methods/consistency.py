@@ -41,7 +41,7 @@ from megadistill.diffusion.flow_match import _expand_like, add_noise_continuous
 from megadistill.diffusion.losses import LOSS_KINDS, distillation_loss
 from megadistill.diffusion.samplers import flow_inference_sigmas
 
-from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, freeze, logs_to_floats, trainable
+from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, freeze, logs_to_floats
 
 CONSISTENCY_MODES = ("teacher", "data")
 
@@ -119,8 +119,6 @@ class ConsistencyDistillation(DistillationMethod):
     def student_step_list(self) -> List[float]:
         return [float(s) for s in self.cfg.student_steps]
 
-    def generator_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.generator)
 
     def _pair_sigmas(self, batch_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
         n, k = self.cfg.num_grid_steps, self.cfg.skip_steps

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
 from megadistill.diffusion.flow_match import flow_target
 from megadistill.models.discriminators.discriminator import Discriminator
@@ -40,7 +39,7 @@ from .adversarial import (
     frozen,
     generator_adversarial_loss,
 )
-from .base import Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, logs_to_floats, trainable
+from .base import Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, logs_to_floats
 from .score_distillation import add_score_noise, sample_score_timesteps
 
 
@@ -104,15 +103,11 @@ class GANDistillation(DistillationMethod):
     ):
         self.cfg = cfg
         self.generator = generator
-        self.discriminator = critic
+        self.critic = critic
         self.rollout = rollout
         self.rng = rng
 
-    def generator_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.generator)
 
-    def critic_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.discriminator)
 
     def student_step_list(self) -> List[float]:
         return list(self.rollout.step_list)
@@ -130,7 +125,7 @@ class GANDistillation(DistillationMethod):
 
     def _critic(self, fake_t: torch.Tensor, real_t: torch.Tensor, t: torch.Tensor, cond):
         """One forward of 2B: returns (fake output, real output) split back from the batch."""
-        out = self.discriminator(torch.cat([fake_t, real_t]), torch.cat([t, t]), cat_batch(cond, cond))
+        out = self.critic(torch.cat([fake_t, real_t]), torch.cat([t, t]), cat_batch(cond, cond))
         b = fake_t.shape[0]
         return out.logits[:b], out.logits[b:], out.flow[:b]
 
@@ -139,7 +134,7 @@ class GANDistillation(DistillationMethod):
         ro = self.rollout(self.generator, batch, grad=True)
         t = self._timesteps(batch, ro)
         real_t, fake_t, _ = self._noised_pair(batch, ro.samples, t)
-        with frozen(self.discriminator):
+        with frozen(self.critic):
             d_fake, d_real, _ = self._critic(fake_t, real_t.detach(), t, batch.cond)
         g_loss = generator_adversarial_loss(self.cfg.loss, d_real, d_fake)
         loss = self.cfg.gan_g_weight * g_loss
@@ -157,7 +152,7 @@ class GANDistillation(DistillationMethod):
         loss = cfg.gan_d_weight * d_loss
 
         def logits(x):
-            return self.discriminator(x, t, batch.cond).logits
+            return self.critic(x, t, batch.cond).logits
 
         r1 = r2 = torch.zeros((), device=fake.device)
         if cfg.r1_weight > 0:

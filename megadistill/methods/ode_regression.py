@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from megadistill.diffusion.samplers import flow_inference_sigmas
 
-from .base import Denoiser, DistillationMethod, DistillBatch, logs_to_floats, trainable
+from .base import Denoiser, DistillationMethod, DistillBatch, logs_to_floats
 
 
 @dataclass
@@ -117,8 +116,6 @@ class ODERegression(DistillationMethod):
         self.generator = generator
         self.rng = rng
 
-    def generator_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.generator)
 
     def generator_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         if batch.trajectory is None or batch.trajectory_steps is None:

@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import nn
 
 from megadistill.diffusion.flow_match import add_noise_continuous
 from megadistill.diffusion.samplers import flow_inference_sigmas
 
-from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, freeze, logs_to_floats, trainable
+from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, freeze, logs_to_floats
 
 
 @dataclass
@@ -111,8 +110,6 @@ class ProgressiveDistillation(DistillationMethod):
         self.rng = rng
         self.stage = 0
 
-    def generator_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.generator)
 
     def stage_for(self, step: int) -> int:
         return min(step // self.cfg.iterations_per_stage, self.cfg.num_stages - 1)

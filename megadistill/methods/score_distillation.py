@@ -17,16 +17,14 @@ flow; with the same sigma that round trip is the identity, so the critic's flow 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
-from torch import nn
 
 from megadistill.diffusion.flow_match import FlowMatchSchedule, add_noise_continuous, shift_timestep
 
 from .base import (
     Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, check_guidance_form, logs_to_floats,
-    trainable,
 )
 
 CRITIC_LOSS_TYPES = ("flow", "x0")
@@ -129,11 +127,7 @@ class ScoreDistillationMethod(DistillationMethod):
         self.rollout = rollout
         self.rng = rng
 
-    def generator_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.generator)
 
-    def critic_parameters(self) -> List[nn.Parameter]:
-        return trainable(self.critic)
 
     def noised(self, x: torch.Tensor, batch_size: int, rollout: Optional[RolloutOutput]):
         """(x_t, t, eps) for the score evaluation of samples x."""

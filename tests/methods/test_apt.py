@@ -77,8 +77,8 @@ def test_generator_step_freezes_discriminator_and_sums_weighted_terms():
     want = 0.5 * logs["distill_loss"] + 2.0 * logs["gan_g_loss"] + 3.0 * logs["fm_loss"]
     assert loss.item() == pytest.approx(want, rel=1e-5)
     loss.backward()
-    assert all(p.grad is None for p in method.discriminator.parameters())
-    assert all(p.requires_grad for p in method.discriminator.parameters())
+    assert all(p.grad is None for p in method.critic.parameters())
+    assert all(p.requires_grad for p in method.critic.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.generator.parameters())
 
 
@@ -89,7 +89,7 @@ def test_critic_loss_lazy_regularisation_in_apt_scale():
     want = 0.7 * logs0["gan_d_loss"] + 2 * 0.1**2 * (100.0 * logs0["r1"] + 50.0 * logs0["r2"])
     assert loss0.item() == pytest.approx(want, rel=1e-5)
     loss0.backward()
-    assert method.discriminator.heads.registers.grad is not None
+    assert method.critic.heads.registers.grad is not None
     assert all(p.grad is None for p in method.generator.parameters())
     loss1, logs1 = method.critic_loss(batch, 1)  # skipped by the lazy interval
     assert "r1" not in logs1 and loss1.item() == pytest.approx(0.7 * logs1["gan_d_loss"], rel=1e-6)

@@ -80,13 +80,13 @@ def test_generator_loss_wiring_and_frozen_critic(loss):
     with torch.no_grad():
         fake = method.generator.x0(z, torch.full((b,), 1000.0, dtype=torch.float64), batch.cond)
         x, t, cond, _, _ = _check_pairing(spy, batch.real, fake, b)
-        logits = method.discriminator(x, t, cond).logits
+        logits = method.critic(x, t, cond).logits
     d_f, d_r = logits[:b], logits[b:]
     want = {"non_saturating": F.softplus(-d_f).mean(), "relativistic": F.softplus(-(d_f - d_r)).mean(),
             "hinge": -d_f.mean()}[loss]
     assert value.item() == pytest.approx(0.3 * want.item(), rel=1e-5)
-    assert all(p.grad is None for p in method.discriminator.parameters())  # D frozen in the G step
-    assert all(p.requires_grad for p in method.discriminator.parameters())  # ... and unfrozen after
+    assert all(p.grad is None for p in method.critic.parameters())  # D frozen in the G step
+    assert all(p.requires_grad for p in method.critic.parameters())  # ... and unfrozen after
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.generator.parameters())
 
 
@@ -106,13 +106,13 @@ def test_critic_loss_total_and_denoising_term():
     assert 0 < d1.abs().max() < 0.06 and 0 < d2.abs().max() < 0.06
     assert torch.equal(spy.calls[1][1], t[:b]) and torch.equal(spy.calls[2][1], t[:b])
     with torch.no_grad():
-        v_fake = method.discriminator(x, t, cond).flow[:b]
+        v_fake = method.critic(x, t, cond).flow[:b]
     denoise = ((v_fake.double() - (eps.double() - fake.double())) ** 2).mean().item()
     assert logs["critic_denoising_loss"] == pytest.approx(denoise, rel=1e-3)
     total = 0.5 * logs["gan_d_loss"] + 0.5 * (logs["r1"] + logs["r2"]) + 0.7 * logs["critic_denoising_loss"]
     assert value.item() == pytest.approx(total, rel=1e-5)
     value.backward()
-    assert method.discriminator.heads.registers.grad is not None
+    assert method.critic.heads.registers.grad is not None
     assert all(p.grad is None for p in method.generator.parameters())  # the critic step never trains G
 
 
