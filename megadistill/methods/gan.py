@@ -40,13 +40,12 @@ from .adversarial import (
     generator_adversarial_loss,
 )
 from .base import Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, logs_to_floats
-from .score_distillation import add_score_noise, sample_score_timesteps
+from .score_distillation import ScoreTimestepConfig, add_score_noise, sample_score_timesteps
 
 
 @dataclass
-class GANConfig:
-    """Timestep / noising fields carry ScoreDistillConfig's names and defaults (Self-Forcing), so the
-    critic timestep draw and noising are the shared ``sample_score_timesteps`` / ``add_score_noise``."""
+class GANConfig(ScoreTimestepConfig):
+    """Critic timestep draw and noising are the shared ScoreTimestepConfig ones (Self-Forcing)."""
 
     loss: str = "non_saturating"  # Self-Forcing relativistic_discriminator=True is "relativistic"
     gan_g_weight: float = 1e-2
@@ -56,32 +55,17 @@ class GANConfig:
     r1_sigma: float = 0.01
     r2_sigma: float = 0.01
     critic_denoising_weight: float = 0.0
-    timestep_shift: float = 5.0  # critic timestep shift (Self-Forcing: critic_timestep_shift or timestep_shift)
-    min_step_ratio: float = 0.02
-    max_step_ratio: float = 0.98
-    min_score_timestep: int = 0
-    ts_schedule: bool = False
-    ts_schedule_max: bool = False
-    snap_noise_to_grid: bool = True
-    num_train_timesteps: int = 1000
 
     def __post_init__(self):
+        super().__post_init__()
         if self.loss not in GAN_LOSS_KINDS:
             raise ValueError(f"loss must be one of {GAN_LOSS_KINDS}, got {self.loss!r}")
         for name in ("gan_g_weight", "gan_d_weight", "r1_weight", "r2_weight", "critic_denoising_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("r1_sigma", "r2_sigma", "timestep_shift"):
+        for name in ("r1_sigma", "r2_sigma"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.min_step_ratio < self.max_step_ratio <= 1.0:
-            raise ValueError(
-                f"need 0 <= min_step_ratio < max_step_ratio <= 1, got {self.min_step_ratio}, {self.max_step_ratio}"
-            )
-        if not 0 <= self.min_score_timestep < self.num_train_timesteps:
-            raise ValueError(
-                f"min_score_timestep must lie in [0, {self.num_train_timesteps}), got {self.min_score_timestep}"
-            )
 
 
 class GANDistillation(DistillationMethod):

@@ -31,11 +31,12 @@ CRITIC_LOSS_TYPES = ("flow", "x0")
 
 
 @dataclass
-class ScoreDistillConfig:
-    """Fields shared by DMD and SiD (defaults = Self-Forcing self_forcing_dmd.yaml)."""
+class ScoreTimestepConfig:
+    """How a critic / score network's timesteps are drawn and noised (Self-Forcing names and defaults).
 
-    guidance_scale: float = 3.0
-    guidance_form: str = "upstream"
+    Shared by DMD, SiD and the GAN critic, which all call ``sample_score_timesteps`` / ``add_score_noise``.
+    """
+
     timestep_shift: float = 5.0
     min_step_ratio: float = 0.02
     max_step_ratio: float = 0.98
@@ -43,11 +44,9 @@ class ScoreDistillConfig:
     ts_schedule: bool = False
     ts_schedule_max: bool = False
     snap_noise_to_grid: bool = True
-    critic_loss_type: str = "flow"
     num_train_timesteps: int = 1000
 
     def __post_init__(self):
-        check_guidance_form(self.guidance_form)
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         if not 0.0 <= self.min_step_ratio < self.max_step_ratio <= 1.0:
@@ -58,11 +57,24 @@ class ScoreDistillConfig:
             raise ValueError(
                 f"min_score_timestep must be in [0, {self.num_train_timesteps}), got {self.min_score_timestep}"
             )
+
+
+@dataclass
+class ScoreDistillConfig(ScoreTimestepConfig):
+    """Fields shared by DMD and SiD (defaults = Self-Forcing self_forcing_dmd.yaml)."""
+
+    guidance_scale: float = 3.0
+    guidance_form: str = "upstream"
+    critic_loss_type: str = "flow"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_guidance_form(self.guidance_form)
         if self.critic_loss_type not in CRITIC_LOSS_TYPES:
             raise ValueError(f"critic_loss_type must be one of {CRITIC_LOSS_TYPES}, got {self.critic_loss_type!r}")
 
 
-def timestep_range(cfg: ScoreDistillConfig, rollout: Optional[RolloutOutput]) -> Tuple[int, int]:
+def timestep_range(cfg: ScoreTimestepConfig, rollout: Optional[RolloutOutput]) -> Tuple[int, int]:
     """[min_t, max_t) of the nominal draw, narrowed to the rollout's denoised range when asked."""
     lo, hi = cfg.min_score_timestep, cfg.num_train_timesteps
     if rollout is not None and cfg.ts_schedule and rollout.denoised_timestep_to is not None:
@@ -73,7 +85,7 @@ def timestep_range(cfg: ScoreDistillConfig, rollout: Optional[RolloutOutput]) ->
 
 
 def sample_score_timesteps(
-    cfg: ScoreDistillConfig,
+    cfg: ScoreTimestepConfig,
     batch_size: int,
     rollout: Optional[RolloutOutput] = None,
     generator: Optional[torch.Generator] = None,
@@ -87,7 +99,7 @@ def sample_score_timesteps(
     return t.to(device) if device is not None else t
 
 
-def add_score_noise(cfg: ScoreDistillConfig, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def add_score_noise(cfg: ScoreTimestepConfig, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if cfg.snap_noise_to_grid:
         schedule = FlowMatchSchedule(num_train_timesteps=cfg.num_train_timesteps, shift=cfg.timestep_shift)
         return schedule.add_noise(x, eps, t)
