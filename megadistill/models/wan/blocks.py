@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from megadistill.models.wan.attention import attention
+from megadistill.models.wan.embeddings import FP32Linear
 from megadistill.models.wan.kv_cache import KVCacheStep
 from megadistill.models.wan.norms import WanLayerNorm, WanRMSNorm
 from megadistill.models.wan.rope import apply_rope
@@ -177,13 +177,11 @@ class WanHead(nn.Module):
     def __init__(self, dim: int, out_dim: int, patch_size: tuple[int, int, int], eps: float = 1e-6):
         super().__init__()
         self.norm = WanLayerNorm(dim, eps)
-        self.head = nn.Linear(dim, out_dim * patch_size[0] * patch_size[1] * patch_size[2])
+        self.head = FP32Linear(dim, out_dim * patch_size[0] * patch_size[1] * patch_size[2])
         self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x [B, L, dim]; e [B, R, dim] float32 (R = 1, F or L) -> [B, L, prod(patch) * out_dim] float32."""
         shift, scale = (self.modulation.float().unsqueeze(0) + e.unsqueeze(2)).unbind(2)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            h = modulate(self.norm(x).float(), shift, scale)
-            bias = self.head.bias.float() if self.head.bias is not None else None
-            return F.linear(h, self.head.weight.float(), bias)
+            return self.head(modulate(self.norm(x).float(), shift, scale))

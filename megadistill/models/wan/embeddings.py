@@ -17,21 +17,23 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-def run_fp32(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-    """Evaluate a Linear/activation stack in float32 whatever the parameter dtype or autocast state.
+class FP32Linear(nn.Linear):
+    """A Linear that always computes in float32 (upstream runs these layers under autocast(float32)).
 
-    Upstream runs the time embedding, the time projection and the head inside
-    ``autocast(dtype=float32)``; this is the same arithmetic without depending on autocast.
+    The casts live in this module's own forward, not in its parent's, so that ZeRO-3 (which gathers a
+    module's parameters when that module is called) sees the weights used; state-dict names are nn.Linear's.
     """
-    x = x.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.float() if self.bias is not None else None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+def run_fp32(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """Evaluate a stack of FP32Linear / activations in float32 whatever the parameter dtype or autocast."""
     with torch.autocast(device_type=x.device.type, enabled=False):
-        for layer in layers:
-            if isinstance(layer, nn.Linear):
-                bias = layer.bias.float() if layer.bias is not None else None
-                x = F.linear(x, layer.weight.float(), bias)
-            else:
-                x = layer(x)
-    return x
+        return layers(x.float())
 
 
 class ImageProjection(nn.Module):

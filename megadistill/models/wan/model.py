@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from megadistill.models.wan.blocks import WanBlock, WanHead
 from megadistill.models.wan.causal import attention_mask
 from megadistill.models.wan.config import WanConfig, wan_config
-from megadistill.models.wan.embeddings import ImageProjection, run_fp32, sinusoidal_embedding, unpatchify
+from megadistill.models.wan.embeddings import FP32Linear, ImageProjection, run_fp32, sinusoidal_embedding, unpatchify
 from megadistill.models.wan.kv_cache import CrossAttnCache, KVCache
 from megadistill.models.wan.rope import rope_grid
 
@@ -44,8 +44,8 @@ class WanModel(nn.Module):
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.text_embedding = nn.Sequential(
             nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
-        self.time_embedding = nn.Sequential(nn.Linear(c.freq_dim, c.dim), nn.SiLU(), nn.Linear(c.dim, c.dim))
-        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(c.dim, 6 * c.dim))
+        self.time_embedding = nn.Sequential(FP32Linear(c.freq_dim, c.dim), nn.SiLU(), FP32Linear(c.dim, c.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), FP32Linear(c.dim, 6 * c.dim))
         self.blocks = nn.ModuleList([
             WanBlock(c.dim, c.ffn_dim, c.num_heads, c.qk_norm, c.cross_attn_norm, c.eps,
                      image_branch=c.image_dim is not None, fused_qkv=c.fused_qkv)
