@@ -202,9 +202,25 @@ def read_yaml(path: str) -> dict:
     return data
 
 
+def merge_onto(base: dict, data: dict) -> dict:
+    """``data`` laid over ``base`` key by key, recursing into mappings present in both."""
+    out = dict(base)
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_onto(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = ()):
-    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus overrides, strictly."""
-    data = read_yaml(path) if path else {}
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus overrides, strictly.
+
+    The file and overrides are laid over the full default tree ``to_dict(cls())``: a section given in
+    part keeps its parent's defaults (a ``default_factory`` that differs from the section class's own
+    defaults) for the keys it leaves out, instead of falling back to the section class's defaults.
+    """
+    data = merge_onto(to_dict(cls()), read_yaml(path) if path else {})
     data = apply_overrides(cls, data, overrides)
     try:
         return from_dict(cls, data)

@@ -107,3 +107,18 @@ def test_dump_is_loadable_yaml(tmp_path):
     p = tmp_path / "dump.yaml"
     p.write_text(dump_config(cfg))
     assert load_config(Exp, str(p)) == cfg
+
+
+@dataclass
+class Parent:
+    # The parent's factory differs from Optim's own defaults: a partial section must keep it.
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.5, clip=2.0))
+
+
+def test_partial_section_keeps_the_parents_default_factory(tmp_path):
+    cfg = load_config(Parent, None, ["optim.betas=[0.1, 0.2]"])
+    assert (cfg.optim.lr, cfg.optim.clip, cfg.optim.betas) == (0.5, 2.0, (0.1, 0.2))
+    p = tmp_path / "partial.yaml"
+    p.write_text("optim:\n  clip: 3.0\n")
+    cfg = load_config(Parent, str(p))
+    assert (cfg.optim.lr, cfg.optim.clip) == (0.5, 3.0)

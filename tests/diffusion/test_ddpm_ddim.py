@@ -28,8 +28,11 @@ def test_alphas_cumprod_and_snr(name):
     assert torch.allclose(ours.snr(t), ac / (1 - ac), rtol=1e-5)
     a, s = ours.alpha_sigma(t)
     assert torch.allclose(a**2 + s**2, torch.ones(4, dtype=torch.float64), atol=1e-15)
-    x0, eps = torch.randn(4, 3), torch.randn(4, 3)
-    assert torch.allclose(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    # diffusers' float32 alphas_cumprod differ from ours by up to rtol 2e-5 (above), so the noised
+    # samples agree to that relative precision, not to a fixed 1e-6
+    assert torch.allclose(ours.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), rtol=1e-4, atol=1e-5)
     v_ref = DDPMScheduler(**SCHEDULES[name], prediction_type="v_prediction").get_velocity(x0, eps, t)
     v_ours = DDPMSchedule(**SCHEDULES[name], prediction_type="v_prediction").target(x0, eps, t)
     assert torch.allclose(v_ours, v_ref, atol=1e-5)
