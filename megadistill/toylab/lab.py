@@ -193,6 +193,13 @@ def evaluate_recipe(
     }
 
 
+def recipe_ratio(name: str, num_steps: int, cfg: ToyLabConfig) -> float:
+    """Ratio of one method's student at ``cfg``'s budgets (the lab itself is cached across budgets)."""
+    from .recipes import get_recipe
+
+    return float(evaluate_recipe(get_lab(cfg), name, get_recipe(name), num_steps, cfg)["ratio"])
+
+
 def run_lab(cfg: ToyLabConfig, progress: Optional[Callable[[Dict[str, object]], None]] = None) -> List[Dict[str, object]]:
     """Distill the lab teacher with every configured method at every student step count."""
     from .recipes import get_recipe

@@ -11,8 +11,7 @@ from megadistill.models.discriminators.discriminator import Discriminator
 from megadistill.models.discriminators.register_heads import RegisterHeads, RegisterHeadsConfig
 from megadistill.models.toy.mlp import ToyFlowMLP
 from megadistill.toylab.config import ToyLabConfig
-from megadistill.toylab.lab import get_lab
-from megadistill.toylab.recipes import get_recipe
+from megadistill.toylab.lab import recipe_ratio
 
 B = 8
 
@@ -111,21 +110,11 @@ def test_config_validation():
         APTDistillation(APTConfig(target="teacher"), generator=None, critic=None, teacher=None)
 
 
-def lab_ratio(name: str, num_steps: int, budget_scale: float) -> float:
-    """The lab's ratio for one recipe at this budget. Calls the recipe with OUR config: the cached lab
-    keeps the config it was first built with, whose budget_scale may differ."""
-    cfg = ToyLabConfig(budget_scale=budget_scale)
-    lab = get_lab(cfg)
-    torch.manual_seed(cfg.seed + 100 * num_steps)  # as evaluate_recipe: module init uses the global RNG
-    student = get_recipe(name)(lab, cfg, num_steps)
-    return lab.distance(lab.student_samples(student)) / lab.teacher_distance(num_steps)
-
-
 # Measured (OMP_NUM_THREADS=1, default lab, budget_scale 0.5 = 100 iterations): 1-step ratio 0.15;
 # with the generator loss (distillation + adversarial + FM) sign flipped: 13.3. Threshold with margin:
 APT_1STEP_MAX_RATIO = 0.4
 
 
 def test_apt_distills_the_toy_teacher_one_step():
-    ratio = lab_ratio("apt", 1, budget_scale=0.5)
+    ratio = recipe_ratio("apt", 1, ToyLabConfig(budget_scale=0.5))
     assert ratio < APT_1STEP_MAX_RATIO, ratio

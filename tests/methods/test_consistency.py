@@ -7,8 +7,7 @@ from megadistill.methods.base import Denoiser, DistillBatch
 from megadistill.methods.consistency import ConsistencyConfig, ConsistencyDistillation, update_ema
 from megadistill.models.toy.mlp import ToyFlowMLP
 from megadistill.toylab.config import ToyLabConfig
-from megadistill.toylab.lab import get_lab
-from megadistill.toylab.recipes import get_recipe
+from megadistill.toylab.lab import recipe_ratio
 
 B = 8
 
@@ -104,16 +103,6 @@ def test_config_validation():
         ConsistencyDistillation(ConsistencyConfig(mode="teacher"), generator=None, teacher=None)
 
 
-def lab_ratio(name: str, num_steps: int, budget_scale: float) -> float:
-    """The lab's ratio for one recipe at this budget. Calls the recipe with OUR config: the cached lab
-    keeps the config it was first built with, whose budget_scale may differ."""
-    cfg = ToyLabConfig(budget_scale=budget_scale)
-    lab = get_lab(cfg)
-    torch.manual_seed(cfg.seed + 100 * num_steps)  # as evaluate_recipe: module init uses the global RNG
-    student = get_recipe(name)(lab, cfg, num_steps)
-    return lab.distance(lab.student_samples(student)) / lab.teacher_distance(num_steps)
-
-
 # Measured (OMP_NUM_THREADS=1, default lab, budget_scale 0.5 = 500 iterations): ratios 0.11 (1 step)
 # and 0.43 (4 steps); with the loss sign flipped: 48 and 326. Thresholds with margin:
 MAX_RATIO = {1: 0.35, 4: 0.7}
@@ -121,5 +110,5 @@ MAX_RATIO = {1: 0.35, 4: 0.7}
 
 @pytest.mark.parametrize("steps", [1, 4])
 def test_consistency_distills_the_toy_teacher(steps):
-    ratio = lab_ratio("consistency", steps, budget_scale=0.5)
+    ratio = recipe_ratio("consistency", steps, ToyLabConfig(budget_scale=0.5))
     assert ratio < MAX_RATIO[steps], ratio

@@ -10,8 +10,7 @@ from megadistill.models.discriminators.discriminator import Discriminator
 from megadistill.models.discriminators.register_heads import RegisterHeads, RegisterHeadsConfig
 from megadistill.models.toy.mlp import ToyFlowMLP
 from megadistill.toylab.config import ToyLabConfig
-from megadistill.toylab.lab import get_lab
-from megadistill.toylab.recipes import get_recipe
+from megadistill.toylab.lab import recipe_ratio
 
 
 class SpyBackbone(nn.Module):
@@ -127,16 +126,6 @@ def test_gan_needs_real_samples_and_validates_config():
         GANConfig(r1_sigma=0.0)
 
 
-def lab_ratio(name: str, num_steps: int, budget_scale: float) -> float:
-    """The lab's ratio for one recipe at this budget. Calls the recipe with OUR config: the cached lab
-    keeps the config it was first built with, whose budget_scale may differ."""
-    cfg = ToyLabConfig(budget_scale=budget_scale)
-    lab = get_lab(cfg)
-    torch.manual_seed(cfg.seed + 100 * num_steps)  # as evaluate_recipe: module init uses the global RNG
-    student = get_recipe(name)(lab, cfg, num_steps)
-    return lab.distance(lab.student_samples(student)) / lab.teacher_distance(num_steps)
-
-
 # Measured (OMP_NUM_THREADS=1, default lab, budget_scale 0.5 = 300 iterations): 1-step ratio 0.23;
 # the same recipe with the generator loss sign flipped: 4.6. Threshold with margin. (The 4-step
 # GAN needs the full budget and its generator EMA to be reliably below 1: bench only.)
@@ -144,7 +133,7 @@ GAN_1STEP_MAX_RATIO = 0.5
 
 
 def test_gan_distills_the_toy_teacher_one_step():
-    ratio = lab_ratio("gan", 1, budget_scale=0.5)
+    ratio = recipe_ratio("gan", 1, ToyLabConfig(budget_scale=0.5))
     assert ratio < GAN_1STEP_MAX_RATIO, ratio
 
 
