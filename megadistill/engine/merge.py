@@ -301,21 +301,6 @@ def build_wan_from_state_dict(sd: Dict[str, torch.Tensor], config):
     return model
 
 
-def _shards(tensors: Dict[str, torch.Tensor], limit: Optional[int]) -> List[Dict[str, torch.Tensor]]:
-    if limit is None:
-        return [tensors]
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    return shards
-
-
 def write_safetensors(tensors: Dict[str, torch.Tensor], out: Union[str, os.PathLike],
                       max_shard_size: Optional[Union[int, str]] = None, progress: bool = True) -> List[Path]:
     """Our format: ``out.safetensors`` (one file) or a directory with ``model.safetensors`` or numbered
@@ -323,7 +308,7 @@ def write_safetensors(tensors: Dict[str, torch.Tensor], out: Union[str, os.PathL
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from megadistill.models.wan.checkpoint import _parse_size
+    from megadistill.models.wan.checkpoint import _parse_size, split_into_shards
 
     out = Path(out)
     limit = None if max_shard_size is None else _parse_size(max_shard_size)
@@ -334,7 +319,7 @@ def write_safetensors(tensors: Dict[str, torch.Tensor], out: Union[str, os.PathL
         files = [out]
     else:
         out.mkdir(parents=True, exist_ok=True)
-    shards = _shards(tensors, limit)
+    shards = [tensors] if limit is None else split_into_shards(tensors, limit)
     if out.suffix != ".safetensors":
         files = ([out / "model.safetensors"] if limit is None else
                  [out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])

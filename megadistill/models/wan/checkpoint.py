@@ -424,6 +424,20 @@ def wan_state_dict(model: nn.Module, key_format: KeyFormat = "original") -> dict
     return convert_state_dict(out, "original", key_format)
 
 
+def split_into_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy split in key order; a shard exceeds ``limit`` only when one tensor alone does."""
+    shards, current, current_size = [], {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        if current and current_size + size > limit:
+            shards.append(current)
+            current, current_size = {}, 0
+        current[name] = t
+        current_size += size
+    shards.append(current)
+    return shards
+
+
 def _parse_size(size: Union[int, str]) -> int:
     if isinstance(size, int):
         return size
@@ -510,16 +524,7 @@ def save_wan_checkpoint(model: nn.Module, path: Union[str, os.PathLike], key_for
         written.append(path / "diffusion_pytorch_model.safetensors")
         _write_tensors(written[0], tensors)
     else:
-        limit = _parse_size(max_shard_size)
-        shards, current, current_size = [], {}, 0
-        for name, t in tensors.items():
-            size = t.numel() * t.element_size()
-            if current and current_size + size > limit:
-                shards.append(current)
-                current, current_size = {}, 0
-            current[name] = t
-            current_size += size
-        shards.append(current)
+        shards = split_into_shards(tensors, _parse_size(max_shard_size))
         weight_map = {}
         for i, shard in enumerate(shards):
             file = path / f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
