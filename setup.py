@@ -28,6 +28,10 @@ setup(
         "einops",
         # ZeRO engines; on CPU it picks its CPU accelerator and gloo by itself.
         "deepspeed>=0.19.8,<0.20",
+        # Training logs (TensorBoard scalars, sample images) and sample videos (MP4 through PyAV).
+        "tensorboard",
+        "pillow",
+        "av",
     ],
     extras_require={
         "dev": ["pytest>=7", "diffusers>=0.35", "transformers>=4.50", "accelerate", "scipy"],

@@ -102,7 +102,10 @@ class TrainConfig:
     keep_last: int = 3  # complete checkpoints kept; 0 keeps all
     resume: bool = True  # auto-resume from the latest complete checkpoint in the checkpoint dir
     resume_from: str = ""  # an explicit checkpoint directory to resume from instead (must be complete)
-    log_every: int = 10
+    log_every: int = 10  # console line every this many steps (and at the last); 0 = never
+    tensorboard: bool = True  # TensorBoard scalars / samples when the Trainer has a log_dir
+    progress_bar: bool = True  # tqdm bar on rank 0
+    sample_every: int = 0  # Trainer.sample_fn every this many steps (and at the end); 0 = never
     generator_optim: OptimConfig = field(default_factory=OptimConfig)
     critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-7))
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -111,7 +114,7 @@ class TrainConfig:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "dfake_gen_update_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "keep_last", "log_every"):
+        for name in ("save_every", "keep_last", "log_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:

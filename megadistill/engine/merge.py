@@ -282,6 +282,21 @@ def load_wan_config(spec: str):
     return WanConfig(**{k: v for k, v in data.items() if k in fields})
 
 
+MODEL_CONFIG_KEY = "model_configs"  # trainer_state.json: {"generator": WanConfig fields, "critic": ...}
+
+
+def wan_config_from_checkpoint(info: "CheckpointInfo", model: str):
+    """The WanConfig the training job saved for ``model`` (the EMA is the generator's), or None."""
+    from megadistill.models.wan.config import WanConfig
+
+    role = "generator" if model == "ema" else model
+    saved = info.trainer_state.get(MODEL_CONFIG_KEY, {}).get(role)
+    if saved is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(WanConfig)}
+    return WanConfig(**{k: v for k, v in saved.items() if k in fields})
+
+
 def build_wan_from_state_dict(sd: Dict[str, torch.Tensor], config):
     """A WanModel (or WanMoE) of ``config`` whose tensors are ``sd`` (built on meta, then assigned:
     no second copy of the weights). A config that does not fit the weights fails here, naming keys."""
@@ -430,14 +445,17 @@ def merge_checkpoint(path: Union[str, os.PathLike], out: Union[str, os.PathLike]
         _parse_size(max_shard_size)  # a bad size fails now, not after the merge
     config = None
     if fmt in WAN_FORMATS:
-        if wan_config is None:
-            raise MergeError(f"--format {fmt} needs --wan-config (a Wan preset name or a config.json): "
-                             "the checkpoint stores weights only")
-        config = load_wan_config(wan_config)
+        if wan_config is not None:
+            config = load_wan_config(wan_config)
         if fmt == "diffusers" and Path(out).suffix:
             raise MergeError("--format diffusers writes a directory (weights + config.json); pass a directory")
     info = read_checkpoint_info(path)
     check_request(info, model, fmt)
+    if fmt in WAN_FORMATS and config is None:
+        config = wan_config_from_checkpoint(info, model)
+        if config is None:
+            raise MergeError(f"--format {fmt} needs --wan-config (a Wan preset name or a config.json): this "
+                             f"checkpoint does not record the {model} model's config")
     sd = merged_state_dict(info, model)
 
     if fmt == "ours":

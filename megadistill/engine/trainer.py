@@ -15,6 +15,11 @@ seed + rank. Checkpoints every ``save_every`` steps, at the last step, and when 
 arrives on any rank (SLURM preemption): the current step is finished, everything is saved, and
 ``train`` returns. A new run in the same checkpoint dir resumes from the latest complete checkpoint and
 continues the loss trajectory bit-for-bit on CPU.
+
+Reporting (rank 0: TensorBoard under ``log_dir``, tqdm bar, console line) is ``train_log.TrainLogger``.
+``sample_fn(trainer) -> {tag: tensor}`` runs on every rank (it may gather ZeRO-3 parameters) before
+every ``sample_every``-th step and after the last one, under no_grad and with the global RNG states
+restored afterwards, so sampling never changes the training trajectory; rank 0 logs the tensors.
 """
 from __future__ import annotations
 
@@ -36,11 +41,14 @@ from .data_source import DataSource
 from .ema import ShardedEMA
 from .engines import Engines, begin_micro_batch, build_engines, init_distributed, set_requires_grad
 from .rng import broadcast_seed, capture_rng_state, restore_rng_state, seed_everything
+from .train_log import TrainLogger
 
 logger = logging.getLogger(__name__)
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+TRAINER_STATE_KEYS = frozenset({"step", "world_size", "zero_stage", "engines", "seed", "ema_started"})
 Callback = Callable[["Trainer", Dict[str, float]], None]
+SampleFn = Callable[["Trainer"], Mapping[str, torch.Tensor]]
 
 
 class PreemptionHandler:
@@ -126,6 +134,9 @@ class Trainer:
         generators: Optional[Mapping[str, torch.Generator]] = None,
         shared_generators: Optional[Mapping[str, torch.Generator]] = None,
         callbacks: Sequence[Callback] = (),
+        log_dir: Optional[str] = None,
+        sample_fn: Optional[SampleFn] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
     ):
         self.method, self.data, self.train_cfg = method, data, train
         self.checkpoint_dir = checkpoint_dir
@@ -135,6 +146,13 @@ class Trainer:
         if overlap:
             raise ValueError(f"generator names {overlap} are both per-rank and shared")
         self.callbacks = list(callbacks)
+        self.log_dir, self.sample_fn = log_dir, sample_fn
+        # JSON-able facts saved with every checkpoint (the experiment config, the models' configs), so
+        # a checkpoint is self-describing: the merge tool rebuilds a Wan model without being told.
+        self.metadata = dict(metadata or {})
+        clash = sorted(set(self.metadata) & TRAINER_STATE_KEYS)
+        if clash:
+            raise ValueError(f"metadata keys {clash} are reserved for the trainer state")
         self.dist = init_distributed()
         # Everything that can be wrong with the configs fails here, before any engine exists.
         ds = load_ds_config(ds_config, train, self.dist.world_size)
@@ -229,12 +247,14 @@ class Trainer:
         """Run to ``max_steps`` (or preemption); returns the logs of every step run here."""
         cfg = self.train_cfg
         history: List[Dict[str, float]] = []
-        with PreemptionHandler() as preempt:
+        sampling = self.sample_fn is not None and cfg.sample_every > 0
+        with PreemptionHandler() as preempt, self._train_logger() as report:
             while self.step < cfg.max_steps:
+                if sampling and self.step % cfg.sample_every == 0:
+                    self.sample(report)
                 logs = self.train_step()
                 history.append(logs)
-                if self.rank == 0 and cfg.log_every and (self.step - 1) % cfg.log_every == 0:
-                    logger.info(format_log_line(logs, cfg.max_steps))
+                report.log_step(logs)
                 for cb in self.callbacks:
                     cb(self, logs)
                 stop = any_rank(preempt.requested)
@@ -242,17 +262,39 @@ class Trainer:
                 if self.checkpoint_dir is not None and (periodic or stop or self.step == cfg.max_steps):
                     self.save()
                 if stop:
-                    logger.warning("preempted after step %d; checkpoint saved", self.step)
+                    if self.rank == 0:
+                        logger.warning("preempted after step %d; checkpoint saved", self.step)
                     break
+            if sampling and history and self.step == cfg.max_steps:
+                self.sample(report)  # the final weights
         return history
+
+    def _train_logger(self) -> TrainLogger:
+        cfg = self.train_cfg
+        return TrainLogger(
+            cfg.max_steps, cfg.micro_batch_size * cfg.grad_accum * self.dist.world_size, self.rank, self.log_dir,
+            initial_step=self.step, log_every=cfg.log_every, tensorboard=cfg.tensorboard,
+            progress_bar=cfg.progress_bar,
+        )
+
+    def sample(self, report: TrainLogger) -> None:
+        """``sample_fn`` on every rank at the current weights; rank 0 logs what it returns."""
+        state = capture_rng_state()
+        try:
+            with torch.no_grad():
+                samples = self.sample_fn(self)
+        finally:
+            restore_rng_state(state)
+        report.log_samples(self.step, samples)
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> Dict[str, Any]:
-        return {
+        state = {
             "step": self.step, "world_size": self.dist.world_size, "zero_stage": self.engines.zero_stage,
             "engines": sorted(self.engines.trained()), "seed": self.seed,
             "ema_started": bool(self.ema is not None and self.ema.started),
         }
+        return {**self.metadata, **state}
 
     def rank_state(self) -> Dict[str, Any]:
         return {
@@ -287,12 +329,3 @@ class Trainer:
             logger.info("resumed from %s at step %d", path, self.step)
         return path
 
-
-def format_log_line(logs: Dict[str, float], max_steps: int) -> str:
-    step = int(logs["step"])
-    parts = [f"step {step + 1}/{max_steps}"]
-    for key in ("generator/loss", "critic/loss", "generator/grad_norm", "critic/grad_norm"):
-        if key in logs:
-            parts.append(f"{key} {logs[key]:.4g}")
-    parts.append(f"{logs['step_time_s']:.2f} s/step")
-    return " | ".join(parts)

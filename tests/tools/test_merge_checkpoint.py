@@ -135,8 +135,8 @@ def _our_model_from(files, fmt):
 @pytest.mark.parametrize("fmt", ["ours", "original"])
 def test_merged_file_reproduces_trained_output_in_our_model(zero3, tmp_path, fmt):
     out = tmp_path / ("gen.safetensors" if fmt == "ours" else "gen")
-    result = merge.merge_checkpoint(zero3["root"], out, "generator", fmt, wan_config="tiny-t2v", verify=True,
-                                    progress=False)
+    # No --wan-config: the trainer recorded the generator's WanConfig in the checkpoint.
+    result = merge.merge_checkpoint(zero3["root"], out, "generator", fmt, verify=True, progress=False)
     assert result.report.ok and result.report.tensors == 69
     if fmt == "original":
         assert json.loads((out / "config.json").read_text())["_class_name"] == "WanModel"
@@ -151,6 +151,8 @@ def test_merged_file_reproduces_trained_output_in_our_model(zero3, tmp_path, fmt
 def test_diffusers_folder_loads_in_diffusers_and_reproduces_output(zero3, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     out = tmp_path / "critic_diffusers"
+    with pytest.raises(merge.MergeError, match="does not record the critic"):
+        merge.merge_checkpoint(zero3["root"], out, "critic", "diffusers", progress=False)
     merge.merge_checkpoint(zero3["root"], out, "critic", "diffusers", wan_config="tiny-t2v", progress=False)
     model = diffusers.WanTransformer3DModel.from_pretrained(str(out)).eval()
     x, t, context = _reference_inputs()
@@ -233,8 +235,8 @@ def test_bad_requests_fail_before_work(single, tmp_path):
         merge.merge_checkpoint(root, tmp_path / "o.safetensors", model="teacher", progress=False)
     with pytest.raises(SystemExit):  # argparse refuses it too
         merge_cli.parse_args([str(root), "o", "--model", "teacher"])
-    with pytest.raises(merge.MergeError, match="needs --wan-config"):
-        merge.merge_checkpoint(root, tmp_path / "d", fmt="diffusers", progress=False)
+    with pytest.raises(merge.MergeError, match="needs --wan-config"):  # only the generator's config is recorded
+        merge.merge_checkpoint(root, tmp_path / "d", model="critic", fmt="diffusers", progress=False)
     with pytest.raises(merge.MergeError, match="unknown dtype"):
         merge.merge_checkpoint(root, tmp_path / "o.safetensors", dtype="int3", progress=False)
     assert list(tmp_path.iterdir()) == []

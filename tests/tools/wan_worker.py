@@ -11,6 +11,8 @@ take part) and rank 0 writes those reference outputs with the gathered weights a
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import sys
@@ -84,7 +86,9 @@ def run(run_spec: dict, rank: int) -> dict:
     ds = load_ds_config({"zero_optimization": {"stage": run_spec["stage"]}}, train, init_distributed().world_size)
     method = WanFlowFit()
     data = SeededBatchSource(make_batch, derive_seed(train.seed, rank, "data"))
-    trainer = Trainer(method, data, train, ds, run_spec["checkpoint_dir"])
+    # Only the generator's config is recorded: the critic exercises the explicit --wan-config path.
+    metadata = {"model_configs": {"generator": dataclasses.asdict(method.generator.net.config)}}
+    trainer = Trainer(method, data, train, ds, run_spec["checkpoint_dir"], metadata=metadata)
     trainer.train()
     x, t, context = probe_input()
     with torch.no_grad():

@@ -1,0 +1,1 @@
+"""Data: datasets, loaders and video files."""
