@@ -27,6 +27,7 @@ samples, none accumulate in D.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -155,7 +156,8 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def cat_batch(a: Any, b: Any) -> Any:
-    """Concatenate two conditions along the batch dim: tensors, (nested) dicts of tensors, or None.
+    """Concatenate two conditions along the batch dim: tensors, (nested) dicts of tensors, dataclasses
+    of them (e.g. ``WanCondition``, field by field), or None.
 
     Lists are refused: a list may be per-sample (concatenate) or per-field (zip), and guessing wrong
     would silently mis-pair conditions.
@@ -166,4 +168,7 @@ def cat_batch(a: Any, b: Any) -> Any:
         return torch.cat([a, b], dim=0)
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
         return {k: cat_batch(a[k], b[k]) for k in a}
+    if dataclasses.is_dataclass(a) and not isinstance(a, type) and type(a) is type(b):
+        fields = [f.name for f in dataclasses.fields(a) if f.init]
+        return dataclasses.replace(a, **{n: cat_batch(getattr(a, n), getattr(b, n)) for n in fields})
     raise TypeError(f"cannot batch conditions of types {type(a).__name__} and {type(b).__name__}")

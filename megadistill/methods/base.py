@@ -158,6 +158,10 @@ class FewStepRollout:
     ``schedule`` (optional) makes re-noising snap to its grid like upstream ``scheduler.add_noise``
     and defines the nominal timesteps reported for ts_schedule; without it re-noising is continuous
     and the nominal timestep is the step itself.
+
+    ``generator`` draws the exit step and ``noise_generator`` (default: ``generator``) the initial and
+    re-noising noise. Under ZeRO-3 the exit step decides which modules run, so the trainer seeds
+    ``generator`` identically on every rank; the noise must differ per data-parallel rank.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class FewStepRollout:
         schedule: Optional[FlowMatchSchedule] = None,
         generator: Optional[torch.Generator] = None,
         num_train_timesteps: int = 1000,
+        noise_generator: Optional[torch.Generator] = None,
     ):
         steps = [float(s) for s in step_list]
         if not steps:
@@ -177,13 +182,14 @@ class FewStepRollout:
         self.last_step_only = last_step_only
         self.schedule = schedule
         self.generator = generator
+        self.noise_generator = noise_generator if noise_generator is not None else generator
         self.num_train_timesteps = num_train_timesteps
 
     def _nominal(self, t: float) -> float:
         return nominal_timestep(t, self.schedule) if self.schedule is not None else t
 
     def _renoise(self, x0: torch.Tensor, t: float) -> torch.Tensor:
-        eps = torch.randn(x0.shape, generator=self.generator, dtype=x0.dtype, device=x0.device)
+        eps = torch.randn(x0.shape, generator=self.noise_generator, dtype=x0.dtype, device=x0.device)
         t_b = torch.full((x0.shape[0],), t, dtype=torch.float64, device=x0.device)
         if self.schedule is not None:
             return self.schedule.add_noise(x0, eps, t_b)
@@ -195,7 +201,7 @@ class FewStepRollout:
             exit_index = n - 1
         else:
             exit_index = int(torch.randint(0, n, (1,), generator=self.generator))
-        x = batch.noise(self.generator)
+        x = batch.noise(self.noise_generator)
         with torch.no_grad():
             for i in range(exit_index):
                 t = torch.full((batch.batch_size,), self.step_list[i], dtype=torch.float64, device=x.device)

@@ -39,7 +39,7 @@ from .adversarial import (
     frozen,
     generator_adversarial_loss,
 )
-from .base import Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, logs_to_floats
+from .base import Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, logs_to_floats, masked_mean
 from .score_distillation import ScoreTimestepConfig, add_score_noise, sample_score_timesteps
 
 
@@ -148,7 +148,7 @@ class GANDistillation(DistillationMethod):
             gan_d_loss=d_loss, r1=r1, r2=r2, fake_logit=d_fake.mean(), real_logit=d_real.mean(), critic_t=t.mean()
         )
         if cfg.critic_denoising_weight > 0:
-            denoise = (v_fake.double() - flow_target(fake, eps).double()).pow(2).mean()
+            denoise = masked_mean((v_fake.double() - flow_target(fake, eps).double()).pow(2), ro.gradient_mask)
             loss = loss + cfg.critic_denoising_weight * denoise
             logs["critic_denoising_loss"] = denoise
         return loss, logs_to_floats(**logs)

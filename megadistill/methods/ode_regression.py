@@ -7,6 +7,12 @@ grid that contains every step of the list and records the state at each step and
 
 Loss: per sample an index k ~ U{0..K-1}; x0_pred = G(traj[k], step_list[k]); MSE(x0_pred, clean)
 over samples with step_list[k] != 0. Stored steps are checked against the configured list.
+
+Block-causal students (``num_frame_per_block`` set; Wan samples [B, C, F, H, W], frames on dim 2):
+the causal ODE-init stage of CausVid / Self-Forcing. Each block of frames of each sample draws its
+own index, so the input mixes trajectory states frame block by frame block, the generator sees
+per-frame timesteps t [B, F] in one parallel block-causal forward, and the MSE is averaged over the
+frames with t != 0.
 """
 from __future__ import annotations
 
@@ -22,10 +28,15 @@ from .base import Denoiser, DistillationMethod, DistillBatch, logs_to_floats
 
 @dataclass
 class ODERegressionConfig:
+    """``num_frame_per_block``: None = one index per sample; an int = one index per block of frames."""
+
     step_list: List[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     num_train_timesteps: int = 1000
+    num_frame_per_block: Optional[int] = None
 
     def __post_init__(self):
+        if self.num_frame_per_block is not None and self.num_frame_per_block < 1:
+            raise ValueError(f"num_frame_per_block must be None or >= 1, got {self.num_frame_per_block}")
         steps = [float(s) for s in self.step_list]
         if not steps:
             raise ValueError("step_list must not be empty")
@@ -107,6 +118,38 @@ def ode_regression_loss(
     return err, t
 
 
+def per_block_index(
+    batch_size: int, num_frames: int, num_frame_per_block: int, num_steps: int,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Long [B, F]: one index ~ U{0..num_steps-1} per block of ``num_frame_per_block`` frames, repeated
+    over the block's frames (upstream ``_get_timestep(..., uniform_timestep=False)``)."""
+    if num_frames % num_frame_per_block:
+        raise ValueError(f"{num_frames} frames do not split into blocks of {num_frame_per_block}")
+    index = torch.randint(0, num_steps, (batch_size, num_frames // num_frame_per_block), generator=generator)
+    return index.repeat_interleave(num_frame_per_block, dim=1)
+
+
+def ode_regression_loss_per_frame(
+    generator: Denoiser, trajectory: torch.Tensor, steps: torch.Tensor, cond, index: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Squared errors [B, F] (mean over C, H, W) of x0_pred vs the clean end and timesteps t [B, F].
+
+    trajectory [B, K + 1, C, F, H, W]; index [B, F]: frame f of sample b is taken from state
+    index[b, f] and predicted at timestep steps[index[b, f]] (the generator gets t as [B, F]).
+    """
+    b, _, c, f, h, w = trajectory.shape
+    if index.shape != (b, f):
+        raise ValueError(f"index must be [B, F] = {[b, f]}, got {list(index.shape)}")
+    index = index.to(trajectory.device)
+    gather = index[:, None, None, :, None, None].expand(b, 1, c, f, h, w)
+    x_t = trajectory.gather(1, gather).squeeze(1)
+    t = steps.to(trajectory.device)[index]
+    x0 = generator.x0(x_t, t, cond)
+    err = ((x0.double() - trajectory[:, -1].double()) ** 2).mean(dim=(1, 3, 4))
+    return err, t
+
+
 class ODERegression(DistillationMethod):
     name = "ode_regression"
     has_critic = False
@@ -122,8 +165,16 @@ class ODERegression(DistillationMethod):
             raise ValueError("ODE regression needs batch.trajectory and batch.trajectory_steps")
         check_trajectory_steps(batch.trajectory_steps, self.cfg.step_list)
         k = len(self.cfg.step_list)
-        index = torch.randint(0, k, (batch.batch_size,), generator=self.rng).to(batch.trajectory.device)
-        err, t = ode_regression_loss(self.generator, batch.trajectory, batch.trajectory_steps, batch.cond, index)
+        if self.cfg.num_frame_per_block is None:
+            index = torch.randint(0, k, (batch.batch_size,), generator=self.rng).to(batch.trajectory.device)
+            err, t = ode_regression_loss(self.generator, batch.trajectory, batch.trajectory_steps, batch.cond, index)
+        else:
+            num_frames = batch.trajectory.shape[3]  # [B, K + 1, C, F, H, W]
+            index = per_block_index(batch.batch_size, num_frames, self.cfg.num_frame_per_block, k, self.rng)
+            index = index.to(batch.trajectory.device)
+            err, t = ode_regression_loss_per_frame(
+                self.generator, batch.trajectory, batch.trajectory_steps, batch.cond, index
+            )
         keep = t != 0  # a state at t = 0 is already clean: nothing to regress
         loss = err[keep].mean() if keep.any() else err.sum() * 0.0
         logs = {"ode_loss": loss}

@@ -25,6 +25,7 @@ from megadistill.diffusion.flow_match import FlowMatchSchedule, add_noise_contin
 
 from .base import (
     Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, check_guidance_form, logs_to_floats,
+    masked_mean,
 )
 
 CRITIC_LOSS_TYPES = ("flow", "x0")
@@ -107,13 +108,16 @@ def add_score_noise(cfg: ScoreTimestepConfig, x: torch.Tensor, eps: torch.Tensor
 
 
 def critic_denoising_loss(
-    critic: Denoiser, x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond, loss_type: str
+    critic: Denoiser, x: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, cond, loss_type: str,
+    mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Denoising loss of the fake score on noised generator samples (float64, unweighted mean)."""
+    """Denoising loss of the fake score on noised generator samples (float64, unweighted mean over
+    ``mask``: the rollout's gradient mask, which leaves out e.g. the TI2V conditioning frame, whose
+    target is not a denoising target)."""
     if loss_type == "flow":
-        return ((critic.flow(x_t, t, cond).double() - (eps.double() - x.double())) ** 2).mean()
+        return masked_mean((critic.flow(x_t, t, cond).double() - (eps.double() - x.double())) ** 2, mask)
     if loss_type == "x0":
-        return ((critic.x0(x_t, t, cond).double() - x.double()) ** 2).mean()
+        return masked_mean((critic.x0(x_t, t, cond).double() - x.double()) ** 2, mask)
     raise ValueError(f"critic loss_type must be one of {CRITIC_LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -139,8 +143,6 @@ class ScoreDistillationMethod(DistillationMethod):
         self.rollout = rollout
         self.rng = rng
 
-
-
     def noised(self, x: torch.Tensor, batch_size: int, rollout: Optional[RolloutOutput]):
         """(x_t, t, eps) for the score evaluation of samples x."""
         t = sample_score_timesteps(self.cfg, batch_size, rollout, self.rng, x.device)
@@ -155,5 +157,6 @@ class ScoreDistillationMethod(DistillationMethod):
             out = self.rollout(self.generator, batch, grad=False)
             x = out.samples.detach()
             x_t, t, eps = self.noised(x, batch.batch_size, out)
-        loss = critic_denoising_loss(self.critic, x, x_t, t, eps, batch.cond, self.cfg.critic_loss_type)
+        loss = critic_denoising_loss(self.critic, x, x_t, t, eps, batch.cond, self.cfg.critic_loss_type,
+                                     out.gradient_mask)
         return loss, logs_to_floats(critic_loss=loss, critic_timestep=t.mean())

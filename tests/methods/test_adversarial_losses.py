@@ -124,3 +124,17 @@ def test_lazy_regularization_weight_keeps_expected_value():
     assert adv.lazy_regularization_weight(7, 1) == 1.0
     with pytest.raises(ValueError):
         adv.lazy_regularization_weight(0, 0)
+
+
+def test_cat_batch_concatenates_dataclass_conditions_field_by_field():
+    from megadistill.methods.adversarial import cat_batch
+    from megadistill.rollout.wan_denoiser import WanCondition
+
+    a = WanCondition(torch.randn(2, 3, 4), first_frame=torch.randn(2, 5, 1, 2, 2))
+    b = WanCondition(torch.randn(1, 3, 4), first_frame=torch.randn(1, 5, 1, 2, 2))
+    out = cat_batch(a, b)
+    assert isinstance(out, WanCondition) and out.y is None and out.clip_fea is None
+    assert torch.equal(out.context, torch.cat([a.context, b.context]))
+    assert torch.equal(out.first_frame, torch.cat([a.first_frame, b.first_frame]))
+    with pytest.raises(TypeError):
+        cat_batch(a, {"context": b.context})

@@ -150,11 +150,18 @@ class WanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: torch.Tensor,
-                context_img: Optional[torch.Tensor] = None, mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context: Optional[torch.Tensor],
+                context_img: Optional[torch.Tensor] = None, mask=None,
+                context_kv: Optional[tuple[torch.Tensor, ...]] = None,
+                kv_cache: Optional[KVCacheStep] = None) -> torch.Tensor:
         """x [B, L, dim]; e [B, R, 6, dim] float32 (modulation rows, R = 1, F or L: see ``modulate``);
-        context [B, text_len, dim] and context_img [B, 257, dim] (I2V 2.1) as embedded by the model."""
-        return self.run(x, e, freqs, self.cross_attn.project_context(context, context_img), mask)
+        context [B, text_len, dim] and context_img [B, 257, dim] (I2V 2.1) as embedded by the model,
+        or ``context_kv`` already projected (a rollout's cross-attention cache; context is then None)
+        with a KV-cache step. Every call goes through ``forward`` so that ZeRO-3's module hooks gather
+        this block's own parameters (``modulation``) before ``run`` reads them."""
+        if context_kv is None:
+            context_kv = self.cross_attn.project_context(context, context_img)
+        return self.run(x, e, freqs, context_kv, mask, kv_cache)
 
     def run(self, x: torch.Tensor, e: torch.Tensor, freqs: torch.Tensor, context_kv: tuple[torch.Tensor, ...],
             mask=None, kv_cache: Optional[KVCacheStep] = None) -> torch.Tensor:

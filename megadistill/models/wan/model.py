@@ -163,9 +163,9 @@ class WanModel(nn.Module):
             # reserves the slot, commit() writes it; a recomputation reads the snapshot of the past.
             step = cache.begin(start_frame * frame_seq_len, num_tokens, snapshot=ckpt)
             if ckpt:
-                tokens = checkpoint(block.run, tokens, e0, freqs, ckv, None, step, use_reentrant=False)
+                tokens = checkpoint(block, tokens, e0, freqs, None, None, None, ckv, step, use_reentrant=False)
             else:
-                tokens = block.run(tokens, e0, freqs, ckv, None, step)
+                tokens = block(tokens, e0, freqs, None, None, None, ckv, step)
             step.commit()
 
         return unpatchify(self.head(tokens, e), grid, c.patch_size, c.out_dim).float()

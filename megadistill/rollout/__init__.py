@@ -1,0 +1,1 @@
+"""Training-time rollouts (Self-Forcing causal, bidirectional) and few-step inference pipelines."""

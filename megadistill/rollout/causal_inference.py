@@ -1,0 +1,164 @@
+"""Streaming few-step generation with a block-causal Wan: one block of latent frames at a time.
+
+Per block (Self-Forcing ``CausalInferencePipeline``; the training rollout runs the same code):
+
+    x = noise of the block
+    for each step t_i of StepListConfig.timesteps():       the exact list the student trained at
+        x0 = x0-prediction of the block at t_i, attending to the KV cache of earlier blocks
+        x  = add_noise(x0, fresh eps, t_{i+1})              (not after the last step)
+    refresh: run the block once more at t = context_noise on add_noise(x0, eps, context_noise), so
+             the cache holds keys/values of the (almost) clean block for the blocks that follow
+             (skipped after the last block, which nothing reads; upstream runs it anyway)
+
+Re-noising snaps to the grid of ``steps.schedule()`` like upstream ``scheduler.add_noise``, so even
+``context_noise = 0`` feeds the refresh x0 blended with sigma ~ 0.005 of noise (upstream behaviour;
+the model is told t = 0).
+
+``CausalStream`` holds one video's KV caches and does the per-block work (``denoise`` up to an exit
+step, with or without gradient, and ``refresh``); ``causal_generate`` is the inference loop around it
+and ``megadistill.rollout.self_forcing`` the training rollout. The length of a streamed video is
+bounded only by the model: with ``local_attn_size`` / ``sink_size`` the caches hold sink + window
+frames and evict the oldest ones, exactly what the windowed block-causal mask shows each block.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from megadistill.methods.base import Denoiser
+from megadistill.models.wan.kv_cache import CrossAttnCache, new_kv_cache
+from megadistill.models.wan.model import WanModel
+from megadistill.rollout.steps import StepListConfig
+from megadistill.rollout.wan_denoiser import WanCondition
+
+
+def causal_wan(denoiser: Denoiser) -> WanModel:
+    """The block-causal WanModel behind ``denoiser`` (clear error for anything else)."""
+    net = denoiser.net
+    if not isinstance(net, WanModel):
+        raise ValueError(f"causal generation needs a WanModel as denoiser.net, got {type(net).__name__} "
+                         "(WanMoE has no KV-cache step)")
+    if not net.config.is_causal:
+        raise ValueError("causal generation needs a block-causal WanModel: set config.num_frame_per_block "
+                         "(e.g. build_wan(..., num_frame_per_block=3))")
+    return net
+
+
+def block_spans(num_frames: int, num_frame_per_block: int) -> List[Tuple[int, int]]:
+    """[start, end) latent frames of each block; the last block may be shorter (as the mask allows)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    return [(s, min(s + num_frame_per_block, num_frames)) for s in range(0, num_frames, num_frame_per_block)]
+
+
+def check_causal_condition(cond: WanCondition, batch_size: int, num_frames: int) -> None:
+    if not isinstance(cond, WanCondition):
+        raise ValueError(f"cond must be a WanCondition, got {type(cond).__name__}")
+    if cond.batch_size != batch_size:
+        raise ValueError(f"condition has batch {cond.batch_size}, latents have {batch_size}")
+    if cond.first_frame is not None:
+        # TI2V puts a clean frame 0 with per-token timestep 0 inside the first block; the causal
+        # rollout would have to give that block mixed timesteps in every step and the refresh.
+        raise ValueError("first_frame (Wan2.2 TI2V) conditioning is not supported by causal generation; "
+                         "use the bidirectional rollout")
+    if cond.y is not None and cond.y.shape[2] < num_frames:
+        raise ValueError(f"the I2V condition y covers {cond.y.shape[2]} latent frames, {num_frames} are generated")
+
+
+class CausalStream:
+    """One video being generated block by block: the KV caches and the per-block denoising steps.
+
+    ``max_frames`` sizes the caches of a model without a local window (with one they hold
+    sink_size + local_attn_size frames whatever the length). ``noise_generator`` draws every
+    re-noising eps (per data-parallel rank in training).
+    """
+
+    def __init__(self, denoiser: Denoiser, cond: WanCondition, steps: StepListConfig, *, batch_size: int,
+                 latent_hw: Tuple[int, int], max_frames: int, noise_generator: Optional[torch.Generator] = None,
+                 context_noise: float = 0.0, device: Optional[torch.device] = None):
+        self.net = causal_wan(denoiser)
+        check_causal_condition(cond, batch_size, max_frames)
+        if not 0.0 <= context_noise <= steps.num_train_timesteps:
+            raise ValueError(f"context_noise must lie in [0, {steps.num_train_timesteps}], got {context_noise}")
+        self.denoiser, self.cond = denoiser, cond
+        self.timesteps = steps.timesteps()
+        self.schedule = steps.schedule()
+        self.noise_generator = noise_generator
+        self.context_noise = float(context_noise)
+        _, ph, pw = self.net.config.patch_size
+        h, w = latent_hw
+        if h % ph or w % pw:
+            raise ValueError(f"latent size (H, W) = {latent_hw} must be a multiple of the patch size {(ph, pw)}")
+        self.frame_seq_len = (h // ph) * (w // pw)
+        self.kv_cache = new_kv_cache(self.net, batch_size, self.frame_seq_len, max_frames=max_frames, device=device)
+        self.cross_cache = CrossAttnCache()
+
+    @property
+    def num_frame_per_block(self) -> int:
+        return self.net.config.num_frame_per_block
+
+    def _t(self, value: float, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0],), value, dtype=torch.float64, device=x.device)
+
+    def x0(self, x: torch.Tensor, t: float, start: int) -> torch.Tensor:
+        """x0 prediction of the block x (frames [start, start + Fb)) at timestep t, written to the cache."""
+        cond = self.cond.frames(start, start + x.shape[2])
+        t_b = self._t(t, x)
+        v = self.net.forward_causal_step(x, t_b, cond.context, self.kv_cache, self.cross_cache, start_frame=start,
+                                         clip_fea=cond.clip_fea, y=cond.y)
+        return self.denoiser.flow_to_x0(v, x, t_b)
+
+    def renoise(self, x0: torch.Tensor, t: float) -> torch.Tensor:
+        eps = torch.randn(x0.shape, generator=self.noise_generator, dtype=x0.dtype, device=x0.device)
+        return self.schedule.add_noise(x0, eps, self._t(t, x0))
+
+    def denoise(self, noise: torch.Tensor, start: int, exit_index: Optional[int] = None,
+                grad: bool = False) -> torch.Tensor:
+        """Steps 0..exit_index (default: all) of one block from its noise; only the exit step may
+        carry gradient. The steps before it run under no_grad with fresh re-noising."""
+        last = len(self.timesteps) - 1
+        exit_index = last if exit_index is None else exit_index
+        if not 0 <= exit_index <= last:
+            raise ValueError(f"exit_index must lie in [0, {last}], got {exit_index}")
+        x = noise
+        with torch.no_grad():
+            for i in range(exit_index):
+                x = self.renoise(self.x0(x, self.timesteps[i], start), self.timesteps[i + 1])
+        with torch.set_grad_enabled(grad):
+            return self.x0(x, self.timesteps[exit_index], start)
+
+    @torch.no_grad()
+    def refresh(self, x0: torch.Tensor, start: int) -> None:
+        """Overwrite the block's cache slot with the keys/values of its (almost) clean prediction."""
+        self.x0(self.renoise(x0.detach(), self.context_noise), self.context_noise, start)
+
+
+def causal_generate(denoiser: Denoiser, cond: WanCondition, noise: torch.Tensor, steps: StepListConfig,
+                    noise_generator: Optional[torch.Generator] = None, context_noise: float = 0.0,
+                    progress: bool = False) -> torch.Tensor:
+    """Few-step streaming generation: noise [B, C, F, H, W] -> x0 [B, C, F, H, W], block by block.
+
+    Every block runs every step of ``steps.timesteps()`` and is then refreshed into the cache at
+    ``context_noise`` (see the module docstring). F is free: without a local window the caches hold
+    F frames, with one they hold sink + window frames. A last block shorter than num_frame_per_block
+    is generated as such. Runs under no_grad.
+    """
+    if noise.dim() != 5:
+        raise ValueError(f"noise must be [B, C, F, H, W], got {list(noise.shape)}")
+    b, _, f, h, w = noise.shape
+    with torch.no_grad():
+        stream = CausalStream(denoiser, cond, steps, batch_size=b, latent_hw=(h, w), max_frames=f,
+                              noise_generator=noise_generator, context_noise=context_noise, device=noise.device)
+        spans = block_spans(f, stream.num_frame_per_block)
+        blocks = []
+        for s, e in tqdm(spans, desc="blocks", disable=not progress):
+            x0 = stream.denoise(noise[:, :, s:e], s)
+            if e < f:  # nothing reads the cache after the last block
+                stream.refresh(x0, s)
+            blocks.append(x0)
+    return torch.cat(blocks, dim=2)
+
+
+__all__ = ["CausalStream", "block_spans", "causal_generate", "causal_wan", "check_causal_condition"]

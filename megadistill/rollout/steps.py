@@ -1,0 +1,46 @@
+"""The student's denoising step list: ONE setting read by the training rollout and by inference.
+
+Self-Forcing trains on ``warp_step_list([1000, 750, 500, 250], shift)`` (the nominal list mapped onto
+the shifted FlowMatch grid); upstream forks have shipped inference with the unwarped list or another
+shift, so the student ran at timesteps it never saw. Here both sides call ``StepListConfig.timesteps()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+from megadistill.diffusion.flow_match import FlowMatchSchedule, warp_step_list
+
+
+@dataclass
+class StepListConfig:
+    """``steps``: nominal timesteps in (0, T], strictly decreasing; ``warp``: map them onto the grid of
+    ``shift`` (upstream ``warp_denoising_step``); ``shift`` also defines the re-noising grid."""
+
+    steps: List[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    warp: bool = True
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+
+    def __post_init__(self):
+        self.steps = [float(s) for s in self.steps]
+        if not self.steps:
+            raise ValueError("steps must not be empty")
+        if any(a <= b for a, b in zip(self.steps, self.steps[1:])):
+            raise ValueError(f"steps must be strictly decreasing, got {self.steps}")
+        if self.steps[0] > self.num_train_timesteps or self.steps[-1] <= 0:
+            raise ValueError(f"steps must lie in (0, {self.num_train_timesteps}], got {self.steps}")
+        if self.warp and any(s != int(s) for s in self.steps):
+            raise ValueError(f"warped steps index the timestep grid and must be integers, got {self.steps}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+
+    def timesteps(self) -> List[float]:
+        """The timesteps the student runs at, in training and at inference."""
+        if not self.warp:
+            return list(self.steps)
+        return [float(t) for t in warp_step_list(self.steps, self.shift, self.num_train_timesteps)]
+
+    def schedule(self) -> FlowMatchSchedule:
+        """The grid that re-noising between steps snaps to (upstream ``scheduler.add_noise``)."""
+        return FlowMatchSchedule(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
