@@ -122,3 +122,14 @@ def test_partial_section_keeps_the_parents_default_factory(tmp_path):
     p.write_text("optim:\n  clip: 3.0\n")
     cfg = load_config(Parent, str(p))
     assert (cfg.optim.lr, cfg.optim.clip) == (0.5, 3.0)
+
+
+def test_derived_defaults_follow_a_changed_field_through_the_loader(tmp_path):
+    """A file that sets only ``num_training_frames`` moves the frame range with it: the loader lays
+    files over the default tree, so a default resolved into another field would stick at 21."""
+    from megadistill.experiment import ExperimentConfig
+
+    path = tmp_path / "x.yaml"
+    path.write_text("wan:\n  latent_shape: [3, 9, 16, 16]\n  rollout:\n    self_forcing: {num_training_frames: 9}\n")
+    cfg = load_config(ExperimentConfig, str(path))
+    assert cfg.wan.rollout.self_forcing.frame_range() == (9, 9)

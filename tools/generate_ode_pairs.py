@@ -44,13 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from megadistill.data.ode_pairs import SHARD_PATTERN, load_ode_pairs  # noqa: E402,F401  (re-exported)
 from megadistill.engine.merge import load_wan_config  # noqa: E402
 from megadistill.methods.ode_regression import generate_ode_pairs, guided_flow_fn  # noqa: E402
 from megadistill.models.wan import WanConfig, build_wan, load_wan_checkpoint  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
 from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser  # noqa: E402
 
-SHARD_PATTERN = "ode_pairs_{:05d}.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -249,21 +249,6 @@ def write_shard(path: Path, trajectory: torch.Tensor, steps: torch.Tensor, promp
     save_file({"trajectory": trajectory.contiguous(), "steps": steps.contiguous(),
                "prompt_index": prompt_index.contiguous()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)  # a crash never leaves a half-written shard under the final name
-
-
-def load_ode_pairs(paths: Sequence[os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Concatenate shards: {trajectory [N, K + 1, ...], steps [K], prompt_index [N]}; steps must agree."""
-    from safetensors.torch import load_file
-
-    if not paths:
-        raise ValueError("no ODE pair shards given")
-    parts = [load_file(str(p)) for p in sorted(paths)]
-    steps = parts[0]["steps"]
-    for p, part in zip(sorted(paths), parts):
-        if not torch.equal(part["steps"], steps):
-            raise ValueError(f"{p} was stored at steps {part['steps'].tolist()}, not {steps.tolist()}")
-    return {"trajectory": torch.cat([p["trajectory"] for p in parts]), "steps": steps,
-            "prompt_index": torch.cat([p["prompt_index"] for p in parts])}
 
 
 def generate(args: argparse.Namespace) -> List[Path]:

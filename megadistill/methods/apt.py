@@ -178,7 +178,8 @@ class APTDistillation(DistillationMethod):
         eps = torch.randn(fake.shape, generator=self.rng, dtype=fake.dtype, device=fake.device)
         sigma = (t / cfg.num_train_timesteps).to(fake.dtype)
         fake_t, real_t = add_noise_continuous(fake, eps, sigma), add_noise_continuous(real.to(fake.dtype), eps, sigma)
-        out = self.critic(torch.cat([fake_t, real_t]), torch.cat([t, t]), cat_batch(batch.cond, batch.cond))
+        # .forward, not the root module's __call__ (ZeRO-3 root hooks; see GANDistillation._critic)
+        out = self.critic.forward(torch.cat([fake_t, real_t]), torch.cat([t, t]), cat_batch(batch.cond, batch.cond))
         b = fake.shape[0]
         feats_fake, feats_real = [f[:b] for f in out.features], [f[b:] for f in out.features]
         return t, fake_t, real_t, out.logits[:b], out.logits[b:], feats_fake, feats_real
@@ -212,7 +213,7 @@ class APTDistillation(DistillationMethod):
         lazy = lazy_regularization_weight(step, cfg.reg_interval)
         if lazy > 0 and (cfg.r1_weight > 0 or cfg.r2_weight > 0):
             def logits(x):
-                return self.critic(x, t, batch.cond).logits
+                return self.critic.forward(x, t, batch.cond).logits
 
             scale = lazy * apt_to_gradient_scale(1.0, cfg.reg_sigma)
             if cfg.r1_weight > 0:

@@ -109,7 +109,11 @@ class GANDistillation(DistillationMethod):
 
     def _critic(self, fake_t: torch.Tensor, real_t: torch.Tensor, t: torch.Tensor, cond):
         """One forward of 2B: returns (fake output, real output) split back from the batch."""
-        out = self.critic(torch.cat([fake_t, real_t]), torch.cat([t, t]), cat_batch(cond, cond))
+        # .forward, not __call__: the critic is the root module of its DeepSpeed engine, and ZeRO-3's
+        # root hooks would run its backward bookkeeping inside the GENERATOR engine's backward (the
+        # generator loss backpropagates through the frozen critic) and fail. Every method calls the
+        # root's methods, never the root (its submodules' hooks still gather their parameters).
+        out = self.critic.forward(torch.cat([fake_t, real_t]), torch.cat([t, t]), cat_batch(cond, cond))
         b = fake_t.shape[0]
         return out.logits[:b], out.logits[b:], out.flow[:b]
 
@@ -136,7 +140,7 @@ class GANDistillation(DistillationMethod):
         loss = cfg.gan_d_weight * d_loss
 
         def logits(x):
-            return self.critic(x, t, batch.cond).logits
+            return self.critic.forward(x, t, batch.cond).logits
 
         r1 = r2 = torch.zeros((), device=fake.device)
         if cfg.r1_weight > 0:

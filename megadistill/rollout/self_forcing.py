@@ -46,8 +46,10 @@ from megadistill.rollout.wan_denoiser import WanDenoiser
 @dataclass
 class SelfForcingConfig:
     """Frame counts are latent frames and must be multiples of the model's num_frame_per_block
-    (checked when the rollout meets the model). ``min_frames`` / ``max_frames`` default to
-    ``num_training_frames``; ``context_noise`` is the timestep of the cache refresh."""
+    (checked when the rollout meets the model). ``min_frames`` / ``max_frames`` (None: equal to
+    ``num_training_frames``, resolved by ``frame_range`` and never written back, so a config file that
+    changes only ``num_training_frames`` moves them too); ``context_noise`` is the timestep of the
+    cache refresh."""
 
     num_training_frames: int = 21
     min_frames: Optional[int] = None
@@ -57,21 +59,16 @@ class SelfForcingConfig:
     context_noise: float = 0.0
 
     def __post_init__(self):
-        if self.min_frames is None:
-            self.min_frames = self.num_training_frames
-        if self.max_frames is None:
-            self.max_frames = self.num_training_frames
-        for name in ("num_training_frames", "min_frames", "max_frames"):
-            value = getattr(self, name)
+        lo, hi = self.frame_range()
+        for name, value in (("num_training_frames", self.num_training_frames), ("min_frames", lo), ("max_frames", hi)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.min_frames < self.num_training_frames:
+        if lo < self.num_training_frames:
             # The gradient window is the last num_training_frames frames: a shorter video would give
             # the methods samples of another shape.
-            raise ValueError(f"min_frames ({self.min_frames}) must be >= num_training_frames "
-                             f"({self.num_training_frames})")
-        if self.max_frames < self.min_frames:
-            raise ValueError(f"max_frames ({self.max_frames}) must be >= min_frames ({self.min_frames})")
+            raise ValueError(f"min_frames ({lo}) must be >= num_training_frames ({self.num_training_frames})")
+        if hi < lo:
+            raise ValueError(f"max_frames ({hi}) must be >= min_frames ({lo})")
         for name in ("same_step_across_blocks", "last_step_only"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -80,10 +77,16 @@ class SelfForcingConfig:
             raise ValueError(f"context_noise must be a timestep >= 0, got {self.context_noise!r}")
         self.context_noise = float(self.context_noise)
 
+    def frame_range(self) -> Tuple[int, int]:
+        """(min_frames, max_frames) of the generated videos, defaults resolved."""
+        lo = self.num_training_frames if self.min_frames is None else self.min_frames
+        hi = self.num_training_frames if self.max_frames is None else self.max_frames
+        return lo, hi
+
     def check_blocks(self, num_frame_per_block: int) -> None:
         """Every frame count must be whole blocks, so the gradient window starts on a block boundary."""
-        for name in ("num_training_frames", "min_frames", "max_frames"):
-            value = getattr(self, name)
+        lo, hi = self.frame_range()
+        for name, value in (("num_training_frames", self.num_training_frames), ("min_frames", lo), ("max_frames", hi)):
             if value % num_frame_per_block:
                 raise ValueError(f"{name} ({value}) must be a multiple of the model's num_frame_per_block "
                                  f"({num_frame_per_block})")
@@ -144,7 +147,8 @@ class SelfForcingRollout:
         """Frame count, then exit steps, from the shared generator (identical on every rank)."""
         cfg = self.cfg
         cfg.check_blocks(num_frame_per_block)
-        choices = list(range(cfg.min_frames, cfg.max_frames + 1, num_frame_per_block))
+        lo, hi = cfg.frame_range()
+        choices = list(range(lo, hi + 1, num_frame_per_block))
         num_frames = choices[0]
         if len(choices) > 1:
             num_frames = choices[int(torch.randint(0, len(choices), (1,), generator=self.generator))]
@@ -167,8 +171,9 @@ class SelfForcingRollout:
         c, f, h, w = batch.sample_shape
         if c != net.config.out_dim:
             raise ValueError(f"batch.sample_shape has {c} channels, the model generates {net.config.out_dim}")
-        if f != self.cfg.max_frames:
-            raise ValueError(f"batch.sample_shape has {f} frames; it must be max_frames = {self.cfg.max_frames} "
+        max_frames = self.cfg.frame_range()[1]
+        if f != max_frames:
+            raise ValueError(f"batch.sample_shape has {f} frames; it must be max_frames = {max_frames} "
                              "(the largest video a call can generate)")
         return c, h, w
 

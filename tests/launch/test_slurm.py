@@ -385,6 +385,7 @@ def test_real_trainer_preempted_requeued_and_resumed(fake, tmp_path):
     assert (ckpts / saved[0] / "COMPLETE").exists()
     assert "received signal 10" in first and f"preempted after step {step}" in first  # the trainer's handler
     assert _requeues(fake_dir) == [f"requeue {JOB_ID} saved=no"]
+    assert not (out / "result.json").exists()  # a preempted run saves and stops: no evaluation
 
     (fake_dir / "scontrol.calls").unlink()
     env.update(SLURM_RESTART_COUNT="1", MASTER_PORT=str(free_port()))

@@ -1,4 +1,5 @@
-"""launch/train.py --ds_config: a toy-lab distillation through the DeepSpeed trainer, and input checks.
+"""launch/train.py --ds_config with the embedded default (configs/default.yaml): a toy-lab distillation
+through the DeepSpeed trainer, and input checks.
 
 The runs use a tiny budget (small teacher, few evaluation samples, 120 trainer steps) in
 subprocesses, as a user would start them; the quality figure they print is compared with the
@@ -74,7 +75,8 @@ def test_two_process_torchrun_run(tmp_path):
     launch and the gathers for evaluation, not quality: the plain run does that)."""
     out = tmp_path / "run2"
     stdout = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(train_cli_free_port()), str(TRAIN),
-                   "--ds_config", str(ZERO3), f"run.output_dir={out}", *TINY, "toylab.teacher.iterations=100",
+                   "--ds_config", str(ZERO3), f"run.output_dir={out}", *TINY,
+                   "toylab.teacher.iterations=100",
                    "toylab.eval.samples_per_class=200", "train.max_steps=20", "train.micro_batch_size=64",
                    "train.save_every=0"])
     distance, teacher, ratio = _final(stdout)

@@ -6,25 +6,9 @@ from megadistill.models.wan.text_encoder import (
     WanTextEncoder,
     WanTextEncoderConfig,
     clean_prompt,
+    tiny_tokenizer,
     tiny_umt5_config,
 )
-
-WORDS = "a cat dog surfing on wave big small red blue & <b> the sea at night".split()
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer built in code (T5 conventions: pad 0, eos 1 appended), no download."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for word in WORDS:
-        vocab.setdefault(word, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
 
 def tiny_encoder(dtype="float32", **fields):
     return WanTextEncoder.from_umt5_config(tiny_umt5_config(), tokenizer=tiny_tokenizer(), seed=0,

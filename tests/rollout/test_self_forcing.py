@@ -80,7 +80,7 @@ def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelfForcingConfig(**kwargs)
     cfg = SelfForcingConfig(num_training_frames=6)
-    assert (cfg.min_frames, cfg.max_frames) == (6, 6)
+    assert cfg.frame_range() == (6, 6) and (cfg.min_frames, cfg.max_frames) == (None, None)
     with pytest.raises(ValueError, match=r"max_frames \(8\) must be a multiple"):
         SelfForcingConfig(num_training_frames=6, max_frames=8).check_blocks(3)
     with pytest.raises(ValueError, match="context_noise"):

@@ -65,6 +65,24 @@ def tiny_umt5_config(**overrides):
     return UMT5Config(**fields)
 
 
+TINY_WORDS = "a cat dog surfing on wave big small red blue & <b> the sea at night".split()
+
+
+def tiny_tokenizer(words=TINY_WORDS):
+    """A word-level tokenizer built in code (T5 conventions: pad 0, eos 1 appended; no download), to
+    pair with ``tiny_umt5_config`` in tests and tiny runs."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for word in words:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
 @dataclass
 class WanTextEncoderConfig:
     text_len: int = 512

@@ -1,0 +1,465 @@
+"""The ``wan`` job: distill a Wan teacher into a few-step (causal or bidirectional) student through
+the DeepSpeed trainer, then evaluate and write samples.
+
+Models: the teacher loads from ``wan.teacher`` (the shipped demo teacher for preset ``demo``); the
+generator and the critic start from their own checkpoints or, by default, from the teacher's
+weights. The generator runs block-causally (``wan.rollout.kind: causal``, Self-Forcing) or
+bidirectionally; teacher and critic are bidirectional. Prompts are encoded once at start (every rank
+encodes the same list) and the trainer draws prompt indices per rank.
+
+Evaluation (demo teacher): before training, on rank 0, the teacher's ``teacher_steps``-step samples
+(the reference), a second reference set from other noise (the floor of the distance) and the
+undistilled teacher at the student's step count; after training the student's samples (EMA weights
+when the EMA has started) from the same noise. The final line compares the student's distance to the
+reference with the undistilled teacher's, and a side-by-side MP4 is written.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megadistill.engine.data_source import SeededBatchSource
+from megadistill.engine.engines import full_state_dict, init_distributed, load_full_state_dict
+from megadistill.engine.rng import derive_seed
+from megadistill.engine.trainer import Trainer
+from megadistill.config import to_dict
+from megadistill.experiment import DEMO, ExperimentConfig, WanJobConfig, WanModelConfig
+from megadistill.methods import get_method
+from megadistill.methods.base import DistillBatch
+from megadistill.models.wan import build_wan, load_wan_checkpoint
+from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+
+log = logging.getLogger("megadistill.wan_job")
+CRITIC_METHODS = ("dmd", "sid", "gan")
+RESULT_FILE = "result.json"
+
+
+# ---------------------------------------------------------------------------------------- models
+def load_teacher(cfg: WanModelConfig) -> tuple[nn.Module, Optional[dict]]:
+    """The teacher network and, for the demo teacher, its sampling settings."""
+    if cfg.preset == DEMO:
+        from megadistill.demo.teacher import load_demo_teacher
+
+        model, settings = load_demo_teacher(cfg.checkpoint or None)
+        if cfg.overrides:
+            model = _rebuild(model, **cfg.overrides)
+        return model, settings
+    model = build_wan(cfg.preset, **cfg.overrides)
+    load_wan_checkpoint(model, cfg.checkpoint)
+    return model, None
+
+
+def _rebuild(model: nn.Module, **overrides) -> nn.Module:
+    """A copy of ``model`` with WanConfig fields changed (attention mode, checkpointing): the fields
+    that do not change the parameters, so the weights carry over exactly."""
+    new = build_wan(model.config.replace(**overrides))
+    new.load_state_dict(model.state_dict())
+    return new
+
+
+def derive_model(cfg: WanModelConfig, teacher: nn.Module, **mode) -> nn.Module:
+    """Generator / critic: the teacher's architecture and weights unless ``cfg`` names others."""
+    if cfg.preset and cfg.preset != DEMO:
+        model = build_wan(cfg.preset, **{**cfg.overrides, **mode})
+        load_wan_checkpoint(model, cfg.checkpoint or _teacher_checkpoint_error(cfg))
+        return model
+    model = _rebuild(teacher, **{**cfg.overrides, **mode})
+    if cfg.checkpoint:
+        load_wan_checkpoint(model, cfg.checkpoint)
+    return model
+
+
+def _teacher_checkpoint_error(cfg: WanModelConfig) -> str:
+    raise ValueError(f"preset {cfg.preset!r} differs from the teacher's: give its checkpoint too")
+
+
+def generator_mode(job: WanJobConfig) -> Dict[str, Any]:
+    r = job.rollout
+    if r.kind == "bidirectional":
+        return {"num_frame_per_block": None}
+    return {"num_frame_per_block": r.num_frame_per_block, "local_attn_size": r.local_attn_size,
+            "sink_size": r.sink_size}
+
+
+# ---------------------------------------------------------------------------------------- text
+@dataclass
+class PromptSet:
+    prompts: List[str]
+    context: torch.Tensor  # [N, Lt, text_dim]
+    negative: torch.Tensor  # [1, Lt, text_dim]
+    first_frames: Optional[torch.Tensor] = None  # [N, C, 1, H, W] TI2V image latents
+
+    def condition(self, idx: torch.Tensor) -> WanCondition:
+        first = self.first_frames[idx] if self.first_frames is not None else None
+        return WanCondition(self.context[idx], first_frame=first)
+
+    def uncondition(self, idx: torch.Tensor) -> WanCondition:
+        """CFG's unconditional branch: the negative prompt, the same image conditioning."""
+        first = self.first_frames[idx] if self.first_frames is not None else None
+        return WanCondition(self.negative.expand(len(idx), -1, -1), first_frame=first)
+
+
+def load_first_frames(path: str, num_prompts: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"wan.data.first_frames: file not found: {path}")
+    tensors = load_file(path)
+    if "latents" not in tensors:
+        raise ValueError(f"wan.data.first_frames: {path} has no 'latents' tensor (has {sorted(tensors)})")
+    latents = tensors["latents"].float()
+    c, _, h, w = latent_shape
+    if latents.shape != (num_prompts, c, 1, h, w):
+        raise ValueError(f"wan.data.first_frames: latents are {list(latents.shape)}, expected one image latent "
+                         f"per prompt [{num_prompts}, {c}, 1, {h}, {w}]")
+    return latents
+
+
+def read_prompts(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"wan.data.prompts: prompt file not found: {path}")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"wan.data.prompts: {path} holds no prompts")
+    return prompts
+
+
+def encode_prompts(job: WanJobConfig) -> PromptSet:
+    prompt_set = _encode(job)
+    if job.data.first_frames:
+        prompt_set.first_frames = load_first_frames(job.data.first_frames, len(prompt_set.prompts), job.latent_shape)
+    return prompt_set
+
+
+def _encode(job: WanJobConfig) -> PromptSet:
+    data = job.data
+    if data.text_encoder == DEMO:
+        from megadistill.demo.text import PromptEncoder
+        from megadistill.demo.videos import all_prompts
+
+        prompts = read_prompts(data.prompts) if data.prompts else all_prompts()
+        encoder = PromptEncoder()
+        return PromptSet(prompts, encoder.encode(prompts), encoder.encode([data.negative_prompt]))
+    from megadistill.models.wan.text_encoder import WanTextEncoder
+
+    if not data.prompts:
+        raise ValueError("wan.data.prompts is required with a umT5 text encoder")
+    prompts = read_prompts(data.prompts)
+    # Encoded to the teacher's text_len (Wan: 512); bf16 on GPU as upstream, float32 on CPU.
+    from megadistill.models.wan.config import wan_config
+
+    text_len = wan_config(job.teacher.preset, **job.teacher.overrides).text_len
+    encoder = WanTextEncoder.from_pretrained(data.text_encoder, negative_prompt=data.negative_prompt, text_len=text_len,
+                                             dtype="bfloat16" if torch.cuda.is_available() else "float32")
+    context = torch.cat([encoder.encode(prompts[i:i + 16]) for i in range(0, len(prompts), 16)])
+    return PromptSet(prompts, context.float(), encoder.negative_embedding(1).float())
+
+
+# ---------------------------------------------------------------------------------------- data
+class PromptBatches:
+    """``make_batch(generator)`` for the trainer's SeededBatchSource: prompt indices drawn per rank,
+    plus the real videos a GAN critic needs (demo: rendered for the drawn prompts)."""
+
+    def __init__(self, prompts: PromptSet, job: WanJobConfig, micro_batch: int, needs_real: bool):
+        self.prompts, self.job, self.micro = prompts, job, micro_batch
+        self.needs_real = needs_real
+
+    def __call__(self, generator: torch.Generator) -> DistillBatch:
+        idx = torch.randint(0, len(self.prompts.prompts), (self.micro,), generator=generator)
+        real = None
+        if self.needs_real:
+            from megadistill.demo.videos import render_videos
+
+            real = render_videos([self.prompts.prompts[i] for i in idx.tolist()], generator)
+        return DistillBatch(
+            cond=self.prompts.condition(idx), uncond=self.prompts.uncondition(idx), batch_size=self.micro,
+            sample_shape=tuple(self.job.latent_shape), real=real,
+        )
+
+
+# ---------------------------------------------------------------------------------------- rollout
+def build_rollout(job: WanJobConfig, shared: torch.Generator, noise: torch.Generator):
+    r = job.rollout
+    if r.kind == "causal":
+        from megadistill.rollout.self_forcing import SelfForcingRollout
+
+        return SelfForcingRollout(r.steps, r.self_forcing, generator=shared, noise_generator=noise)
+    from megadistill.rollout.bidirectional import BidirectionalRollout
+
+    return BidirectionalRollout(r.steps, generator=shared, noise_generator=noise)
+
+
+def generate(job: WanJobConfig, denoiser: WanDenoiser, cond: WanCondition, noise: torch.Tensor,
+             generator: torch.Generator) -> torch.Tensor:
+    """Few-step inference with the training step list (causal streaming or bidirectional)."""
+    r = job.rollout
+    if r.kind == "causal":
+        from megadistill.rollout.causal_inference import causal_generate
+
+        return causal_generate(denoiser, cond, noise, r.steps, generator,
+                               context_noise=r.self_forcing.context_noise)
+    from megadistill.rollout.bidirectional import bidirectional_generate
+
+    return bidirectional_generate(denoiser, cond, noise, r.steps, generator)
+
+
+# ---------------------------------------------------------------------------------------- method
+def build_method(cfg: ExperimentConfig, generator: nn.Module, teacher: nn.Module, critic: nn.Module, rollout,
+                 rng: torch.Generator):
+    """The configured method on Wan denoisers (GAN: register heads on the critic's blocks; ODE
+    regression: the student's step list, per-block indices for a causal student)."""
+    job, name = cfg.wan, cfg.method.name
+    method_cls, _ = get_method(name)
+    if name == "ode_regression":
+        causal = job.rollout.kind == "causal"
+        ode_cfg = dataclasses.replace(cfg.method.ode_regression, step_list=job.rollout.steps.timesteps(),
+                                      num_frame_per_block=job.rollout.num_frame_per_block if causal else None)
+        return method_cls(ode_cfg, generator=WanDenoiser(generator), rng=rng)
+    if name == "gan":
+        from megadistill.models.discriminators.wan_features import wan_discriminator
+
+        layers = job.discriminator_layers
+        if max(layers) >= critic.config.num_layers:
+            raise ValueError(f"wan.discriminator_layers {layers}: the critic has {critic.config.num_layers} blocks")
+        return method_cls(cfg.method.gan, generator=WanDenoiser(generator),
+                          critic=wan_discriminator(WanDenoiser(critic), layers), rollout=rollout, rng=rng)
+    return method_cls(cfg.method.config, generator=WanDenoiser(generator), teacher=WanDenoiser(teacher),
+                      critic=WanDenoiser(critic), rollout=rollout, rng=rng)
+
+
+class ODEPairBatches:
+    """``make_batch(generator)`` from stored teacher trajectories: for ODE regression the trajectory
+    and its prompt; with ``real_only`` (the GAN critic's real data, as Self-Forcing's GAN uses its
+    ODE set) only the clean end as ``real``."""
+
+    def __init__(self, prompts: PromptSet, path: str, micro_batch: int, latent_shape: Sequence[int],
+                 real_only: bool = False, step_list: Optional[Sequence[float]] = None):
+        self.real_only = real_only
+        from megadistill.data.ode_pairs import load_ode_pairs, shard_paths
+
+        pairs = load_ode_pairs(shard_paths(path))
+        self.trajectory, self.steps, self.prompt_index = pairs["trajectory"], pairs["steps"], pairs["prompt_index"]
+        if tuple(self.trajectory.shape[2:]) != tuple(latent_shape):
+            raise ValueError(f"wan.data.ode_pairs: trajectories are {list(self.trajectory.shape[2:])} per state, "
+                             f"wan.latent_shape is {list(latent_shape)}")
+        if step_list is not None and [round(float(t), 3) for t in self.steps] != [round(t, 3) for t in step_list]:
+            raise ValueError(f"wan.data.ode_pairs were stored at steps {[float(t) for t in self.steps]}, the student "
+                             f"trains at {step_list} (wan.rollout.steps); regenerate them with the same steps")
+        if int(self.prompt_index.max()) >= len(prompts.prompts):
+            raise ValueError(f"wan.data.ode_pairs index prompt {int(self.prompt_index.max())}, but the prompt list "
+                             f"has {len(prompts.prompts)}: use the prompt list the pairs were generated from")
+        self.prompts, self.micro = prompts, micro_batch
+
+    def __call__(self, generator: torch.Generator) -> DistillBatch:
+        idx = torch.randint(0, self.trajectory.shape[0], (self.micro,), generator=generator)
+        prompt_idx = self.prompt_index[idx].long()
+        trajectory = self.trajectory[idx].float()
+        stored = {"real": trajectory[:, -1]} if self.real_only else \
+            {"trajectory": trajectory, "trajectory_steps": self.steps}
+        return DistillBatch(cond=self.prompts.condition(prompt_idx), uncond=self.prompts.uncondition(prompt_idx),
+                            batch_size=self.micro, sample_shape=tuple(self.trajectory.shape[2:]), **stored)
+
+
+def make_batches(cfg: ExperimentConfig, prompts: PromptSet):
+    micro, name, pairs = cfg.train.micro_batch_size, cfg.method.name, cfg.wan.data.ode_pairs
+    if name == "ode_regression" or (name == "gan" and pairs):
+        return ODEPairBatches(prompts, pairs, micro, cfg.wan.latent_shape, real_only=name == "gan",
+                              step_list=None if name == "gan" else cfg.wan.rollout.steps.timesteps())
+    return PromptBatches(prompts, cfg.wan, micro, needs_real=name == "gan")
+
+
+def sampler(job: WanJobConfig, method, prompts: PromptSet):
+    """``sample_fn`` for the trainer's sample videos: the generator's few-step samples for the first
+    prompts, fixed noise. Every rank gathers (ZeRO-3) and samples the same; rank 0's are logged."""
+    count = min(4, len(prompts.prompts))
+    idx = torch.arange(count)
+    noise = torch.randn((count, *job.latent_shape), generator=torch.Generator().manual_seed(job.eval.seed))
+    plain = None
+
+    def sample(trainer: Trainer) -> Dict[str, torch.Tensor]:
+        nonlocal plain
+        weights = full_state_dict(method.generator)
+        if plain is None:
+            plain = copy.deepcopy(method.generator.net) if not _partitioned(method.generator) else \
+                build_wan(method.generator.net.config)
+        load_full_state_dict(WanDenoiser(plain), weights)
+        video = generate(job, WanDenoiser(plain.eval()), prompts.condition(idx), noise,
+                         torch.Generator().manual_seed(job.eval.seed + 1))
+        return {"samples/generator": video.clamp(-1, 1)}
+
+    return sample
+
+
+def _partitioned(module: nn.Module) -> bool:
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+@dataclass
+class EvalSet:
+    """The demo evaluation's fixed inputs and the teacher's side, computed once before training."""
+
+    prompts: List[str]
+    cond: WanCondition
+    noise: torch.Tensor  # the compared samplers' noise (not the reference's)
+    reference: torch.Tensor  # the teacher at teacher_steps
+    teacher_few: torch.Tensor  # the undistilled teacher at the student's step count, same noise
+    floor: Dict[str, float]  # a second teacher_steps set (other noise) vs the reference
+    teacher: Dict[str, float]  # teacher_few vs the reference
+
+
+def prepare_eval(teacher: nn.Module, settings, prompts: PromptSet, job: WanJobConfig) -> EvalSet:
+    from megadistill.demo.evaluation import compare, eval_prompts
+    from megadistill.demo.teacher import teacher_sample
+
+    e = job.eval
+    names = eval_prompts(e.samples_per_prompt, prompts.prompts[:e.num_prompts])
+    idx = torch.tensor([prompts.prompts.index(p) for p in names])
+    g = torch.Generator().manual_seed(e.seed)
+    shape = (len(names), *job.latent_shape)
+    # The reference gets its own noise; the compared samplers (a second teacher run: the floor, the
+    # undistilled teacher, the student) share another, so none of them is favoured by starting from
+    # the reference's noise (a few-step Euler run from the same noise lands near the same video).
+    reference_noise, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    few = len(job.rollout.steps.steps)
+    reference = teacher_sample(teacher, names, reference_noise, e.teacher_steps, settings)
+    second = teacher_sample(teacher, names, noise, e.teacher_steps, settings)
+    teacher_few = teacher_sample(teacher, names, noise, few, settings)
+    return EvalSet(names, prompts.condition(idx), noise, reference, teacher_few,
+                   compare(second, reference, names), compare(teacher_few, reference, names))
+
+
+def final_line(r: Dict[str, Any]) -> str:
+    n, s, t, f = r["student_steps"], r["student"], r["teacher"], r["floor"]
+    return (f"final: {r['method']} {n}-step {r['rollout']} student ({r['evaluated']}, step {r['step']}, "
+            f"ZeRO-{r['zero_stage']}, {r['world_size']} rank(s)): distance to teacher-{r['teacher_steps']} "
+            f"{s['feature']:.4f} | undistilled teacher {n}-step {t['feature']:.4f} | ratio {r['ratio']:.3f} "
+            f"(floor {f['feature']:.4f}; attributes right: student {s['accuracy']:.2f}, teacher {n}-step "
+            f"{t['accuracy']:.2f}, teacher-{r['teacher_steps']} {f['accuracy']:.2f}; {r['total_seconds']:.0f} s)")
+
+
+# ---------------------------------------------------------------------------------------- the job
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Every file and name the job will read, checked before any process group or model exists."""
+    from megadistill.models.wan.config import wan_config
+
+    job = cfg.wan
+
+    def exists(path: str, key: str) -> None:
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"wan.{key}: not found: {path}")
+
+    for role in ("teacher", "generator", "critic"):
+        m: WanModelConfig = getattr(job, role)
+        if m.preset and m.preset != DEMO:
+            wan_config(m.preset, **m.overrides)  # unknown preset / field -> ValueError naming it
+        exists(m.checkpoint, f"{role}.checkpoint")
+    if job.teacher.preset == DEMO and not job.teacher.checkpoint:
+        from megadistill.demo.teacher import DEFAULT_WEIGHTS, settings_path
+
+        for path in (DEFAULT_WEIGHTS, settings_path(DEFAULT_WEIGHTS)):
+            exists(str(path), "teacher (the shipped demo teacher; tools/train_demo_teacher.py writes it)")
+    if job.teacher.preset == DEMO:
+        from megadistill.demo.teacher import DEFAULT_WEIGHTS, DemoSettings, settings_path
+
+        weights = job.teacher.checkpoint or DEFAULT_WEIGHTS
+        settings = DemoSettings.from_dict(json.loads(settings_path(weights).read_text()))
+        if list(settings.latent_shape(1)[1:]) != job.latent_shape:
+            raise ValueError(f"wan.latent_shape {job.latent_shape} is not the demo teacher's video shape "
+                             f"{list(settings.latent_shape(1)[1:])}")
+    exists(job.data.prompts, "data.prompts")
+    exists(job.data.first_frames, "data.first_frames")
+    exists(job.data.ode_pairs, "data.ode_pairs")
+    if job.data.text_encoder != DEMO:
+        exists(job.data.text_encoder, "data.text_encoder")
+    if cfg.method.name == "ode_regression" and not job.data.ode_pairs:
+        raise ValueError("method ode_regression needs wan.data.ode_pairs (tools/generate_ode_pairs.py writes them)")
+    if cfg.method.name == "gan" and job.data.text_encoder != DEMO and not job.data.ode_pairs:
+        raise ValueError("method gan needs real latents: set wan.data.ode_pairs (their clean ends are the real "
+                         "data, as in Self-Forcing's GAN) or use the demo data set")
+    if job.eval.enabled and job.teacher.preset != DEMO:
+        raise ValueError("wan.eval: the end-of-run video distance is defined for the demo teacher; "
+                         "set wan.eval.enabled=false")
+
+
+def run(cfg: ExperimentConfig, ds: dict) -> int:
+    job = cfg.wan
+    start = time.perf_counter()
+    info = init_distributed()
+    rank = info.rank
+    prompts = encode_prompts(job)  # first: a umT5-XXL encoder is freed before the DiTs load
+    teacher, settings = load_teacher(job.teacher)
+    generator = derive_model(job.generator, teacher, **generator_mode(job))
+    critic = derive_model(job.critic, teacher) if cfg.method.name in CRITIC_METHODS else None
+    evaluate = job.eval.enabled and settings is not None
+    ev = prepare_eval(teacher, settings, prompts, job) if evaluate and rank == 0 else None
+    if evaluate and rank == 0:
+        log.info(f"evaluation reference ready: undistilled teacher {len(job.rollout.steps.steps)}-step distance "
+                 f"{ev.teacher['feature']:.4f}, floor {ev.floor['feature']:.4f}")
+
+    rng, rollout_rng = torch.Generator(), torch.Generator()
+    method = build_method(cfg, generator, teacher, critic, build_rollout(job, rollout_rng, rng), rng)
+    del teacher  # the method holds it if it uses it (DMD / SiD); otherwise it is freed here
+    student = copy.deepcopy(generator) if rank == 0 else None  # plain copy to evaluate in
+    data = SeededBatchSource(make_batches(cfg, prompts), derive_seed(cfg.train.seed, rank, "data"))
+    models = {"generator": generator, "critic": critic}
+    metadata = {"config": to_dict(cfg), "model_configs": {
+        role: dataclasses.asdict(m.config) for role, m in models.items() if m is not None}}
+    trainer = Trainer(method, data, cfg.train, ds, os.path.join(cfg.run.output_dir, "checkpoints"),
+                      generators={"method": rng}, shared_generators={"rollout": rollout_rng},
+                      log_dir=os.path.join(cfg.run.output_dir, "logs"), metadata=metadata,
+                      sample_fn=sampler(job, method, prompts) if settings is not None else None)
+    trainer.train()
+    if trainer.step < cfg.train.max_steps:  # preempted: the checkpoint is saved, the grace period is short
+        return 0
+
+    use_ema = trainer.ema is not None and trainer.ema.started
+    weights = trainer.ema.gather() if use_ema else full_state_dict(method.generator)
+    if rank == 0 and evaluate:
+        load_full_state_dict(WanDenoiser(student), weights)
+        result = finish_eval(cfg, ev, student, trainer, use_ema, info.world_size, start)
+        print(final_line(result), flush=True)
+    dist.barrier()
+    return 0
+
+
+def finish_eval(cfg: ExperimentConfig, ev: EvalSet, student: nn.Module, trainer: Trainer, use_ema: bool,
+                world_size: int, start: float) -> Dict[str, Any]:
+    from megadistill.data.video_io import tile_videos, upscale_nearest, viewable_factor, write_mp4
+    from megadistill.demo.evaluation import compare
+
+    job = cfg.wan
+    with torch.no_grad():
+        samples = generate(job, WanDenoiser(student.eval()), ev.cond, ev.noise,
+                           torch.Generator().manual_seed(job.eval.seed + 1))
+    scores = compare(samples, ev.reference, ev.prompts)
+    result = {
+        "method": cfg.method.name, "rollout": job.rollout.kind, "student_steps": len(job.rollout.steps.steps),
+        "evaluated": "ema" if use_ema else "generator", "step": trainer.step, "world_size": world_size,
+        "zero_stage": trainer.engines.zero_stage, "teacher_steps": job.eval.teacher_steps,
+        "student": scores, "teacher": ev.teacher, "floor": ev.floor,
+        "ratio": scores["feature"] / ev.teacher["feature"], "total_seconds": time.perf_counter() - start,
+    }
+    os.makedirs(cfg.run.output_dir, exist_ok=True)
+    if job.eval.mp4:
+        # One row per prompt (its first sample): teacher-50 | undistilled teacher few-step | student.
+        per = job.eval.samples_per_prompt
+        rows = [tile_videos([ev.reference[i], ev.teacher_few[i], samples[i]]) for i in range(0, len(samples), per)]
+        grid = torch.cat(rows, dim=2).clamp(-1, 1)
+        path = os.path.join(cfg.run.output_dir, "samples_teacher_vs_student.mp4")
+        write_mp4(path, upscale_nearest(grid, viewable_factor(grid.shape[-2], grid.shape[-1])))
+        result["mp4"] = path
+    with open(os.path.join(cfg.run.output_dir, RESULT_FILE), "w") as f:
+        json.dump(result, f, indent=2)
+    return result
