@@ -130,6 +130,20 @@ def test_real_checkpoint_and_umt5_path(tmp_path):
     state = json.loads(next((out / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     assert state["step"] == 4 and state["model_configs"]["critic"]["num_frame_per_block"] is None
 
+    # Inference of this student decodes its latents with a Wan VAE folder (wan2.1 layout: z 16, 8x / 4x).
+    from megadistill.data.video_io import read_mp4
+    from megadistill.models.wan.vae import WanVAE, tiny_vae_config
+
+    WanVAE(tiny_vae_config("wan2.1")).save_pretrained(str(tmp_path / "vae"))
+    infer = [sys.executable, str(ROOT / "launch" / "infer.py"), "--checkpoint", str(out / "checkpoints"),
+             "--prompt", "a cat surfing", "--out", str(tmp_path / "cat.mp4")]
+    proc = subprocess.run(infer, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "pass --vae" in proc.stderr
+    proc = subprocess.run([*infer, "--vae", str(tmp_path / "vae")], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert read_mp4(str(tmp_path / "cat.mp4")).shape == (4 * (3 - 1) + 1, 128, 128, 3)  # 32 px decoded, x4
+
 
 def test_gan_and_ode_regression_through_the_job(tmp_path):
     """GAN (real latents = clean ends of ODE pairs) and causal ODE regression on the tiny real path."""
