@@ -17,6 +17,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"megadistill.kernels": "kernels"},
+    # The shipped demo teacher (weights + settings JSON) must reach non-editable installs too.
+    package_data={"megadistill.demo": ["assets/*"]},
     install_requires=[
         # Pin torch on the same pip line (README) to keep the local CPU build: an unpinned install
         # would pull a multi-GB CUDA wheel.

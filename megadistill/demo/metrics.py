@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from megadistill.toylab.distance import projection_directions, sliced_wasserstein
 
-from .videos import COLOURS, DIRECTIONS, parse_prompt
+from .videos import COLOURS, parse_prompt
 
 FOREGROUND_THRESHOLD = 0.25
 # Mean foreground mass per frame (pixels) below which a video counts as showing no shape.

@@ -66,7 +66,7 @@ class DemoSettings:
     text_len: int = TEXT_LEN
     text_seed: int = TEXT_SEED
     shift: float = 1.0
-    cfg_scale: float = 1.0
+    cfg_scale: float = 3.0
     num_steps: int = 50
     training: dict = field(default_factory=dict)
 

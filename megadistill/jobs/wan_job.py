@@ -323,8 +323,13 @@ def prepare_eval(teacher: nn.Module, settings, prompts: PromptSet, job: WanJobCo
     from megadistill.demo.evaluation import compare, eval_prompts
     from megadistill.demo.teacher import teacher_sample
 
+    from megadistill.demo.evaluation import EVAL_PROMPTS
+
     e = job.eval
-    names = eval_prompts(e.samples_per_prompt, prompts.prompts[:e.num_prompts])
+    # The demo's evaluation prompts cover every colour, shape and direction; a custom prompt list
+    # is evaluated on its first prompts.
+    pool = EVAL_PROMPTS if all(p in prompts.prompts for p in EVAL_PROMPTS) else prompts.prompts
+    names = eval_prompts(e.samples_per_prompt, list(pool)[:e.num_prompts])
     idx = torch.tensor([prompts.prompts.index(p) for p in names])
     g = torch.Generator().manual_seed(e.seed)
     shape = (len(names), *job.latent_shape)

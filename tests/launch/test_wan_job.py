@@ -222,3 +222,18 @@ def test_bad_wan_inputs_exit_2_before_anything_is_written(case, tmp_path, capsys
     for text in expected:
         assert text in err, err
     assert not out.exists()
+
+
+def test_demo_config_matches_the_shipped_teacher():
+    """The demo's DMD real score must be the teacher's own sampler (the evaluation reference): same
+    standard-form CFG scale and shift, and the latent shape of its videos."""
+    from megadistill.config import load_config
+    from megadistill.demo.teacher import load_demo_teacher
+    from megadistill.experiment import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, str(DEMO))
+    _, settings = load_demo_teacher()
+    dmd = cfg.method.dmd
+    assert (dmd.guidance_form, dmd.guidance_scale, dmd.timestep_shift) == ("standard", settings.cfg_scale, settings.shift)
+    assert cfg.wan.rollout.steps.shift == settings.shift
+    assert tuple(cfg.wan.latent_shape) == settings.latent_shape(1)[1:]
