@@ -92,20 +92,10 @@ def main(argv=None) -> int:
         return 2
 
     from megadistill.data.video_io import upscale_nearest, viewable_factor, write_mp4
-    from megadistill.jobs.wan_job import PromptSet, generate
+    from megadistill.jobs.wan_job import encode_prompt_list, generate
     from megadistill.rollout.wan_denoiser import WanDenoiser
 
-    if demo:
-        from megadistill.demo.text import PromptEncoder
-
-        encoder = PromptEncoder()
-        prompt_set = PromptSet(prompts, encoder.encode(prompts), encoder.encode([""]))
-    else:
-        from megadistill.models.wan.text_encoder import WanTextEncoder
-
-        te = WanTextEncoder.from_pretrained(job.data.text_encoder, text_len=net.config.text_len,
-                                            dtype="bfloat16" if torch.cuda.is_available() else "float32")
-        prompt_set = PromptSet(prompts, te.encode(prompts).float(), te.negative_embedding(1).float())
+    prompt_set = encode_prompt_list(job, prompts, net.config.text_len)
     c, _, h, w = job.latent_shape
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((len(prompts), c, frames, h, w), generator=g)

@@ -69,18 +69,14 @@ def _rebuild(model: nn.Module, **overrides) -> nn.Module:
 
 def derive_model(cfg: WanModelConfig, teacher: nn.Module, **mode) -> nn.Module:
     """Generator / critic: the teacher's architecture and weights unless ``cfg`` names others."""
-    if cfg.preset and cfg.preset != DEMO:
+    if cfg.preset and cfg.preset != DEMO:  # check_inputs made sure its checkpoint is given
         model = build_wan(cfg.preset, **{**cfg.overrides, **mode})
-        load_wan_checkpoint(model, cfg.checkpoint or _teacher_checkpoint_error(cfg))
+        load_wan_checkpoint(model, cfg.checkpoint)
         return model
     model = _rebuild(teacher, **{**cfg.overrides, **mode})
     if cfg.checkpoint:
         load_wan_checkpoint(model, cfg.checkpoint)
     return model
-
-
-def _teacher_checkpoint_error(cfg: WanModelConfig) -> str:
-    raise ValueError(f"preset {cfg.preset!r} differs from the teacher's: give its checkpoint too")
 
 
 def generator_mode(job: WanJobConfig) -> Dict[str, Any]:
@@ -145,21 +141,29 @@ def encode_prompts(job: WanJobConfig) -> PromptSet:
 def _encode(job: WanJobConfig) -> PromptSet:
     data = job.data
     if data.text_encoder == DEMO:
-        from megadistill.demo.text import PromptEncoder
         from megadistill.demo.videos import all_prompts
 
-        prompts = read_prompts(data.prompts) if data.prompts else all_prompts()
+        return encode_prompt_list(job, read_prompts(data.prompts) if data.prompts else all_prompts())
+    if not data.prompts:
+        raise ValueError("wan.data.prompts is required with a umT5 text encoder")
+    from megadistill.models.wan.config import wan_config
+
+    text_len = wan_config(job.teacher.preset, **job.teacher.overrides).text_len
+    return encode_prompt_list(job, read_prompts(data.prompts), text_len)
+
+
+def encode_prompt_list(job: WanJobConfig, prompts: List[str], text_len: Optional[int] = None) -> PromptSet:
+    """``prompts`` and ``wan.data.negative_prompt`` encoded by the run's text encoder: the demo's, or
+    umT5 from a local folder to ``text_len`` tokens (the DiT's; Wan: 512), bf16 on GPU as upstream,
+    float32 on CPU."""
+    data = job.data
+    if data.text_encoder == DEMO:
+        from megadistill.demo.text import PromptEncoder
+
         encoder = PromptEncoder()
         return PromptSet(prompts, encoder.encode(prompts), encoder.encode([data.negative_prompt]))
     from megadistill.models.wan.text_encoder import WanTextEncoder
 
-    if not data.prompts:
-        raise ValueError("wan.data.prompts is required with a umT5 text encoder")
-    prompts = read_prompts(data.prompts)
-    # Encoded to the teacher's text_len (Wan: 512); bf16 on GPU as upstream, float32 on CPU.
-    from megadistill.models.wan.config import wan_config
-
-    text_len = wan_config(job.teacher.preset, **job.teacher.overrides).text_len
     encoder = WanTextEncoder.from_pretrained(data.text_encoder, negative_prompt=data.negative_prompt, text_len=text_len,
                                              dtype="bfloat16" if torch.cuda.is_available() else "float32")
     context = torch.cat([encoder.encode(prompts[i:i + 16]) for i in range(0, len(prompts), 16)])
@@ -369,6 +373,9 @@ def check_inputs(cfg: ExperimentConfig) -> None:
         m: WanModelConfig = getattr(job, role)
         if m.preset and m.preset != DEMO:
             wan_config(m.preset, **m.overrides)  # unknown preset / field -> ValueError naming it
+            if not m.checkpoint:
+                raise ValueError(f"wan.{role}.checkpoint is required: preset {m.preset!r} names its own "
+                                 "architecture, so the teacher's weights cannot be used")
         exists(m.checkpoint, f"{role}.checkpoint")
     if job.teacher.preset == DEMO and not job.teacher.checkpoint:
         from megadistill.demo.teacher import DEFAULT_WEIGHTS, settings_path

@@ -202,7 +202,7 @@ def test_real_model_configs_ask_for_their_weights_before_anything(name, tmp_path
 
 
 @pytest.mark.parametrize("case", ["no_ds_config", "missing_prompts", "unknown_preset", "ode_without_pairs",
-                                  "frames_not_blocks", "bad_rollout_kind"])
+                                  "frames_not_blocks", "bad_rollout_kind", "critic_preset_without_weights"])
 def test_bad_wan_inputs_exit_2_before_anything_is_written(case, tmp_path, capsys):
     out = tmp_path / "never"
     ds = ["--ds_config", str(ZERO3)]
@@ -213,6 +213,7 @@ def test_bad_wan_inputs_exit_2_before_anything_is_written(case, tmp_path, capsys
         "ode_without_pairs": (["method.name=ode_regression"], ["wan.data.ode_pairs"]),
         "frames_not_blocks": (["wan.latent_shape=[3, 8, 16, 16]"], ["num_frame_per_block"]),
         "bad_rollout_kind": (["wan.rollout.kind=sideways"], ["wan.rollout", "kind", "sideways"]),
+        "critic_preset_without_weights": (["wan.critic.preset=tiny-t2v"], ["wan.critic.checkpoint is required"]),
     }[case]
     if case == "no_ds_config":
         ds = []
