@@ -5,6 +5,9 @@ the parallel block-causal ``model.forward`` on cat(previous blocks re-noised at 
 block state) with per-frame timesteps [B, F] and keeps the current block's x0. Both draw the same
 re-noising eps in the same order, so they must agree to float32 round-off.
 """
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,18 +19,14 @@ from megadistill.rollout.self_forcing import RolloutPlan, SelfForcingConfig, Sel
 from megadistill.rollout.steps import StepListConfig
 from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
 
+_spec = importlib.util.spec_from_file_location("rollout_fixtures", Path(__file__).parent / "rollout_fixtures.py")
+_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fixtures)
+tiny_denoiser = _fixtures.tiny_denoiser
+
 H = W = 4
 FSL = (H // 2) * (W // 2)  # tokens per latent frame
 STEPS = StepListConfig()  # [1000, 750, 500, 250] warped with shift 5
-
-
-def tiny_denoiser(preset="tiny-t2v", seed=0, **overrides) -> WanDenoiser:
-    torch.manual_seed(seed)
-    model = build_wan(preset, text_len=16, **overrides)
-    with torch.no_grad():  # the upstream init zeroes the head, which would make every output zero
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return WanDenoiser(model)
 
 
 def condition(denoiser, b=2, f=6, seed=1) -> WanCondition:

@@ -4,27 +4,26 @@ Independent references: the single-block case against ``FewStepRollout`` (the bi
 rollout through the parallel forward), the clean-context cache against a fresh forward of the
 re-noised block, and the gradient structure against a record of every model call.
 """
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
 from megadistill.methods.base import DistillBatch, FewStepRollout, masked_mean
-from megadistill.models.wan import CrossAttnCache, build_wan, new_kv_cache
+from megadistill.models.wan import CrossAttnCache, new_kv_cache
 from megadistill.rollout.self_forcing import RolloutPlan, SelfForcingConfig, SelfForcingRollout
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.rollout.wan_denoiser import WanCondition
+
+_spec = importlib.util.spec_from_file_location("rollout_fixtures", Path(__file__).parent / "rollout_fixtures.py")
+_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fixtures)
+tiny_denoiser = _fixtures.tiny_denoiser
 
 H = W = 4
 FSL = (H // 2) * (W // 2)
 STEPS = StepListConfig()  # warped [1000, 937.5, 833.3, 625.0]
-
-
-def tiny_denoiser(preset="tiny-t2v", seed=0, **overrides) -> WanDenoiser:
-    torch.manual_seed(seed)
-    model = build_wan(preset, text_len=16, **overrides)
-    with torch.no_grad():  # the upstream init zeroes the head, which would make every output zero
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return WanDenoiser(model)
 
 
 def make_batch(denoiser, frames, b=2, seed=1) -> DistillBatch:
