@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from megadistill.engine.config import TrainConfig
+from megadistill.methods.causal_diffusion import CausalDiffusionConfig
 from megadistill.methods.dmd import DMDConfig
 from megadistill.methods.gan import GANConfig
 from megadistill.methods.ode_regression import ODERegressionConfig
@@ -28,8 +29,9 @@ from megadistill.toylab.config import ToyLabConfig
 
 JOBS = ("wan", "toylab", "toylab_table")
 # Methods each trainer job can run: the toy lab's trainer job is score distillation (generator +
-# critic + frozen teacher); the Wan job adds the GAN critic and ODE regression (ODE-init stage).
-JOB_METHODS = {"toylab": ("dmd", "sid"), "wan": ("dmd", "sid", "gan", "ode_regression")}
+# critic + frozen teacher); the Wan job adds the GAN critic and the ODE-init stage of a causal student:
+# ODE regression on teacher trajectories or causal diffusion (diffusion / teacher forcing) on real latents.
+JOB_METHODS = {"toylab": ("dmd", "sid"), "wan": ("dmd", "sid", "gan", "ode_regression", "causal_diffusion")}
 ROLLOUT_KINDS = ("causal", "bidirectional")
 DEMO = "demo"
 
@@ -55,6 +57,8 @@ class MethodConfig:
     sid: SiDConfig = field(default_factory=SiDConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     ode_regression: ODERegressionConfig = field(default_factory=ODERegressionConfig)
+    # wan job: num_frame_per_block comes from wan.rollout (the generator's block), the rest from here
+    causal_diffusion: CausalDiffusionConfig = field(default_factory=CausalDiffusionConfig)
 
     def __post_init__(self):
         known = sorted({m for methods in JOB_METHODS.values() for m in methods})

@@ -7,6 +7,12 @@ weights. The generator runs block-causally (``wan.rollout.kind: causal``, Self-F
 bidirectionally; teacher and critic are bidirectional. Prompts are encoded once at start (every rank
 encodes the same list) and the trainer draws prompt indices per rank.
 
+Methods: DMD / SiD (teacher + critic), GAN (critic with register heads), and the ODE-init stage of a
+causal student: ODE regression on stored teacher trajectories, or causal diffusion (diffusion /
+teacher forcing) on real clean latents (the clean ends of ``wan.data.ode_pairs``, or the demo's
+videos), which uses neither teacher nor critic (the teacher still provides the initial weights and
+the demo evaluation).
+
 Evaluation (demo teacher): before training, on rank 0, the teacher's ``teacher_steps``-step samples
 (the reference), a second reference set from other noise (the floor of the distance) and the
 undistilled teacher at the student's step count; after training the student's samples (EMA weights
@@ -22,7 +28,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,6 +47,7 @@ from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
 
 log = logging.getLogger("megadistill.wan_job")
 CRITIC_METHODS = ("dmd", "sid", "gan")
+REAL_DATA_METHODS = ("gan", "causal_diffusion")  # train on real clean latents (see make_batches)
 RESULT_FILE = "result.json"
 
 
@@ -222,9 +229,13 @@ def generate(job: WanJobConfig, denoiser: WanDenoiser, cond: WanCondition, noise
 def build_method(cfg: ExperimentConfig, generator: nn.Module, teacher: nn.Module, critic: nn.Module, rollout,
                  rng: torch.Generator):
     """The configured method on Wan denoisers (GAN: register heads on the critic's blocks; ODE
-    regression: the student's step list, per-block indices for a causal student)."""
+    regression: the student's step list, per-block indices for a causal student; causal diffusion:
+    the generator's causal block)."""
     job, name = cfg.wan, cfg.method.name
     method_cls, _ = get_method(name)
+    if name == "causal_diffusion":  # real-data training: no teacher, no critic, no rollout
+        cd_cfg = dataclasses.replace(cfg.method.causal_diffusion, num_frame_per_block=job.rollout.num_frame_per_block)
+        return method_cls(cd_cfg, generator=WanDenoiser(generator), rng=rng)
     if name == "ode_regression":
         causal = job.rollout.kind == "causal"
         ode_cfg = dataclasses.replace(cfg.method.ode_regression, step_list=job.rollout.steps.timesteps(),
@@ -276,11 +287,15 @@ class ODEPairBatches:
 
 
 def make_batches(cfg: ExperimentConfig, prompts: PromptSet):
+    """The batches of the configured method. Real clean latents (GAN critic, causal diffusion): the
+    clean ends of ``wan.data.ode_pairs`` when given, else the demo's procedural videos rendered for the
+    drawn prompts (the demo's latents are its pixels)."""
     micro, name, pairs = cfg.train.micro_batch_size, cfg.method.name, cfg.wan.data.ode_pairs
-    if name == "ode_regression" or (name == "gan" and pairs):
-        return ODEPairBatches(prompts, pairs, micro, cfg.wan.latent_shape, real_only=name == "gan",
-                              step_list=None if name == "gan" else cfg.wan.rollout.steps.timesteps())
-    return PromptBatches(prompts, cfg.wan, micro, needs_real=name == "gan")
+    needs_real = name in REAL_DATA_METHODS
+    if name == "ode_regression" or (needs_real and pairs):
+        return ODEPairBatches(prompts, pairs, micro, cfg.wan.latent_shape, real_only=needs_real,
+                              step_list=None if needs_real else cfg.wan.rollout.steps.timesteps())
+    return PromptBatches(prompts, cfg.wan, micro, needs_real=needs_real)
 
 
 def sampler(job: WanJobConfig, method, prompts: PromptSet):
@@ -400,6 +415,19 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if cfg.method.name == "gan" and job.data.text_encoder != DEMO and not job.data.ode_pairs:
         raise ValueError("method gan needs real latents: set wan.data.ode_pairs (their clean ends are the real "
                          "data, as in Self-Forcing's GAN) or use the demo data set")
+    if cfg.method.name == "causal_diffusion":
+        if job.rollout.kind != "causal":
+            raise ValueError("method causal_diffusion trains a block-causal generator (the ODE-init stage of a "
+                             f"causal student): set wan.rollout.kind=causal, not {job.rollout.kind!r}")
+        if job.data.text_encoder != DEMO and not job.data.ode_pairs:
+            raise ValueError("method causal_diffusion needs real clean latents: set wan.data.ode_pairs (their "
+                             "clean ends are the data) or use the demo data set")
+    if cfg.method.name in REAL_DATA_METHODS and job.data.text_encoder == DEMO and not job.data.ode_pairs:
+        from megadistill.demo.videos import VideoSetConfig
+
+        if list(VideoSetConfig().shape) != job.latent_shape:
+            raise ValueError(f"method {cfg.method.name} trains on the demo's videos {list(VideoSetConfig().shape)} "
+                             f"(no wan.data.ode_pairs), but wan.latent_shape is {job.latent_shape}")
     if job.eval.enabled and job.teacher.preset != DEMO:
         raise ValueError("wan.eval: the end-of-run video distance is defined for the demo teacher; "
                          "set wan.eval.enabled=false")

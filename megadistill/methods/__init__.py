@@ -10,6 +10,7 @@ from typing import Dict, Tuple, Type
 
 from .apt import APTConfig, APTDistillation
 from .base import DistillationMethod
+from .causal_diffusion import CausalDiffusion, CausalDiffusionConfig
 from .consistency import ConsistencyConfig, ConsistencyDistillation
 from .dmd import DMD, DMDConfig
 from .gan import GANConfig, GANDistillation
@@ -21,6 +22,7 @@ METHODS: Dict[str, Tuple[Type[DistillationMethod], type]] = {
     "dmd": (DMD, DMDConfig),
     "sid": (SiD, SiDConfig),
     "ode_regression": (ODERegression, ODERegressionConfig),
+    "causal_diffusion": (CausalDiffusion, CausalDiffusionConfig),
     "progressive": (ProgressiveDistillation, ProgressiveConfig),
     "gan": (GANDistillation, GANConfig),
     "apt": (APTDistillation, APTConfig),
