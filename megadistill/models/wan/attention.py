@@ -6,6 +6,10 @@ mask broadcastable to [B, H, Lq, Lk], or a flex_attention ``BlockMask`` (the blo
 see ``causal.py``); the KV-cache rollout passes the cached keys and values as k and v. Kernel
 back-ends (flash, Triton) plug in behind this function; the torch SDPA path is the reference that
 runs everywhere, CPU included.
+
+``SelfAttentionCore`` is the swappable step of self-attention between RoPE and the output projection
+(extend the KV cache, attend): sequence parallelism replaces it from outside the model
+(``megadistill.parallel.sequence_parallel``), so the blocks carry no parallel branches.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import functools
 from typing import Any, Union
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 try:
@@ -51,3 +56,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
+
+
+class SelfAttentionCore(nn.Module):
+    """Self-attention after RoPE: append this call's keys/values to the KV cache (if any), then attend.
+
+    Holds no parameters. A parallel layout swaps it for one that exchanges tokens for heads around
+    this same computation; ``cache_heads`` tells ``new_kv_cache`` how many heads the layer caches.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, kv_cache=None) -> torch.Tensor:
+        """q, k, v [B, L, H, D] (rotated); ``kv_cache`` a ``KVCacheStep`` -> [B, L, H, D]."""
+        if kv_cache is not None:
+            k, v = kv_cache.extend(k, v)
+        return attention(q, k, v, mask)
+
+    def cache_heads(self, num_heads: int) -> int:
+        """Heads of this layer's KV cache for a module of ``num_heads`` (possibly tensor-parallel local) heads."""
+        return num_heads

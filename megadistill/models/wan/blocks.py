@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from megadistill.models.wan.attention import attention
+from megadistill.models.wan.attention import SelfAttentionCore, attention
 from megadistill.models.wan.embeddings import FP32Linear
 from megadistill.models.wan.kv_cache import KVCacheStep
 from megadistill.models.wan.norms import WanLayerNorm, WanRMSNorm
@@ -47,7 +47,8 @@ class WanSelfAttention(nn.Module):
     """Self-attention with full-width q/k RMSNorm and 3D RoPE.
 
     ``fused_qkv`` holds one Linear(dim, 3 dim) (one GEMM instead of three); the checkpoint loader
-    builds its weight from separate q/k/v tensors and the saver splits it back.
+    builds its weight from separate q/k/v tensors and the saver splits it back. ``core`` (KV cache +
+    attention, ``SelfAttentionCore``) is what sequence parallelism swaps; RoPE stays outside it.
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6,
@@ -63,6 +64,7 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
+        self.core = SelfAttentionCore()
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, L, H, D]; q and k normalised over all heads, before RoPE."""
@@ -81,9 +83,7 @@ class WanSelfAttention(nn.Module):
         cached past plus its own tokens."""
         q, k, v = self.project(x)
         q, k = apply_rope(q, freqs), apply_rope(k, freqs)
-        if kv_cache is not None:
-            k, v = kv_cache.extend(k, v)
-        out = attention(q, k, v, mask)
+        out = self.core(q, k, v, mask, kv_cache)
         return self.o(out.flatten(2).to(self.o.weight.dtype))
 
 

@@ -169,7 +169,9 @@ def new_kv_cache(model: nn.Module, batch_size: int, frame_seq_len: int, max_fram
     With a local window (config.local_attn_size) each holds sink_size + local_attn_size frames and
     evicts (``max_frames`` is not needed); otherwise ``max_frames`` frames (required) and a write past
     them is an error. dtype and device default to those of the self-attention projections (under
-    autocast, pass the autocast dtype: attention runs in the dtype of the cached values).
+    autocast, pass the autocast dtype: attention runs in the dtype of the cached values). Each layer
+    caches the heads its attention core attends with (``core.cache_heads``: fewer under tensor or
+    sequence parallelism).
     """
     c = model.config
     ref = model.blocks[0].self_attn.o.weight
@@ -182,7 +184,11 @@ def new_kv_cache(model: nn.Module, batch_size: int, frame_seq_len: int, max_fram
         raise ValueError(f"new_kv_cache needs max_frames >= 1 when the model has no local window, got {max_frames}")
     else:
         frames, window, sink = max_frames, None, 0
-    shape = (batch_size, frames * frame_seq_len, c.num_heads, c.head_dim)
-    return [KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                    sink_tokens=sink * frame_seq_len, window_tokens=window)
-            for _ in range(c.num_layers)]
+    caches = []
+    for block in model.blocks:
+        attn = block.self_attn
+        shape = (batch_size, frames * frame_seq_len, attn.core.cache_heads(attn.num_heads), c.head_dim)
+        caches.append(KVCache(torch.zeros(shape, dtype=dtype, device=device),
+                              torch.zeros(shape, dtype=dtype, device=device),
+                              sink_tokens=sink * frame_seq_len, window_tokens=window))
+    return caches

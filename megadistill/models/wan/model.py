@@ -9,6 +9,10 @@ Forward (upstream ``WanModel.forward`` with batched tensors instead of lists):
 Block-causal mode (config.num_frame_per_block) is the same module: ``forward`` adds the block-causal
 mask (``causal.py``), and ``forward_causal_step`` runs one block of frames against per-layer KV caches
 (``kv_cache.py``), the Self-Forcing rollout.
+
+Both forwards pass the tokens through ``token_layout`` (``TokenLayout``: the identity) after the
+embeddings and before the head; sequence parallelism swaps it (and each self-attention ``core``) from
+outside the model to shard the tokens between those two points.
 """
 from __future__ import annotations
 
@@ -31,6 +35,24 @@ from megadistill.models.wan.rope import rope_grid
 FP32_PARAM_PATTERNS = ("time_embedding.", "time_projection.", "modulation", "head.", "norm")
 
 
+class TokenLayout:
+    """Where the blocks' tokens live: here all of them in this process (the identity).
+
+    ``scatter`` runs once per forward after the embeddings, RoPE table and mask are built for the
+    full sequence; ``gather`` runs before the head and returns the full sequence. A sequence-parallel
+    layout shards tokens, per-token modulation rows and RoPE rows in between, and may hand the
+    self-attention cores what they need through ``mask``.
+    """
+
+    def scatter(self, tokens: torch.Tensor, e0: torch.Tensor, freqs: torch.Tensor, mask):
+        """tokens [B, L, dim], e0 [B, R, 6, dim], freqs [L, head_dim / 2], mask -> the same four, laid out."""
+        return tokens, e0, freqs, mask
+
+    def gather(self, tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The blocks' output tokens -> [B, L, dim], the full sequence of L = ``num_tokens``."""
+        return tokens
+
+
 class WanModel(nn.Module):
     """One Wan DiT. Parameter names are the original Wan checkpoint keys."""
 
@@ -41,6 +63,7 @@ class WanModel(nn.Module):
         self.grad_checkpointing = c.grad_checkpointing
         # Block-causal mask form: None = flex_attention BlockMask on CUDA, dense SDPA mask elsewhere.
         self.use_flex_attention: Optional[bool] = None
+        self.token_layout = TokenLayout()
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.text_embedding = nn.Sequential(
             nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
@@ -114,6 +137,7 @@ class WanModel(nn.Module):
         """
         c = self.config
         tokens, e, e0, grid = self._embed_inputs(x, t, y)
+        num_tokens = tokens.shape[1]
         context = self.embed_context(context)
         context_img = self._embed_image(clip_fea)
         freqs = rope_grid(grid, c.head_dim, c.rope_theta, device=tokens.device)
@@ -121,6 +145,7 @@ class WanModel(nn.Module):
         if c.is_causal:
             mask = attention_mask(grid[0], grid[1] * grid[2], c.num_frame_per_block, c.local_attn_size,
                                   c.sink_size, device=tokens.device, use_flex=self.use_flex_attention)
+        tokens, e0, freqs, mask = self.token_layout.scatter(tokens, e0, freqs, mask)
 
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -128,6 +153,7 @@ class WanModel(nn.Module):
             else:
                 tokens = block(tokens, e0, freqs, context, context_img, mask)
 
+        tokens = self.token_layout.gather(tokens, num_tokens)
         return unpatchify(self.head(tokens, e), grid, c.patch_size, c.out_dim).float()
 
     def forward_causal_step(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
@@ -157,17 +183,19 @@ class WanModel(nn.Module):
         freqs = rope_grid(grid, c.head_dim, c.rope_theta, frame_offset=start_frame, device=tokens.device)
         frame_seq_len, num_tokens = grid[1] * grid[2], tokens.shape[1]
         ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        tokens, e0, freqs, mask = self.token_layout.scatter(tokens, e0, freqs, None)
 
         for block, ckv, cache in zip(self.blocks, context_kv, kv_cache):
             # The cache is touched only outside the (possibly recomputed) block: begin() evicts and
             # reserves the slot, commit() writes it; a recomputation reads the snapshot of the past.
             step = cache.begin(start_frame * frame_seq_len, num_tokens, snapshot=ckpt)
             if ckpt:
-                tokens = checkpoint(block, tokens, e0, freqs, None, None, None, ckv, step, use_reentrant=False)
+                tokens = checkpoint(block, tokens, e0, freqs, None, None, mask, ckv, step, use_reentrant=False)
             else:
-                tokens = block(tokens, e0, freqs, None, None, None, ckv, step)
+                tokens = block(tokens, e0, freqs, None, None, mask, ckv, step)
             step.commit()
 
+        tokens = self.token_layout.gather(tokens, num_tokens)
         return unpatchify(self.head(tokens, e), grid, c.patch_size, c.out_dim).float()
 
     def project_context(self, context: torch.Tensor, clip_fea: Optional[torch.Tensor] = None

@@ -1,0 +1,1 @@
+"""Device mesh, tensor and sequence parallelism, memory planning."""
