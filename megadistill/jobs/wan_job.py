@@ -336,6 +336,14 @@ class EvalSet:
     teacher_few: torch.Tensor  # the undistilled teacher at the student's step count, same noise
     floor: Dict[str, float]  # a second teacher_steps set (other noise) vs the reference
     teacher: Dict[str, float]  # teacher_few vs the reference
+    initial: Optional[Dict[str, float]] = None  # the generator before training (its init), same sampler
+
+
+def student_samples(job: WanJobConfig, ev: EvalSet, student: nn.Module) -> torch.Tensor:
+    """The generator's few-step samples of the evaluation set (the training step list, fixed noise)."""
+    with torch.no_grad():
+        return generate(job, WanDenoiser(student.eval()), ev.cond, ev.noise,
+                        torch.Generator().manual_seed(job.eval.seed + 1))
 
 
 def prepare_eval(teacher: nn.Module, settings, prompts: PromptSet, job: WanJobConfig) -> EvalSet:
@@ -366,10 +374,11 @@ def prepare_eval(teacher: nn.Module, settings, prompts: PromptSet, job: WanJobCo
 
 def final_line(r: Dict[str, Any]) -> str:
     n, s, t, f = r["student_steps"], r["student"], r["teacher"], r["floor"]
+    before = f"; student before training {r['initial']['feature']:.4f}" if r.get("initial") else ""
     return (f"final: {r['method']} {n}-step {r['rollout']} student ({r['evaluated']}, step {r['step']}, "
             f"ZeRO-{r['zero_stage']}, {r['world_size']} rank(s)): distance to teacher-{r['teacher_steps']} "
             f"{s['feature']:.4f} | undistilled teacher {n}-step {t['feature']:.4f} | ratio {r['ratio']:.3f} "
-            f"(floor {f['feature']:.4f}; attributes right: student {s['accuracy']:.2f}, teacher {n}-step "
+            f"(floor {f['feature']:.4f}{before}; attributes right: student {s['accuracy']:.2f}, teacher {n}-step "
             f"{t['accuracy']:.2f}, teacher-{r['teacher_steps']} {f['accuracy']:.2f}; {r['total_seconds']:.0f} s)")
 
 
@@ -452,6 +461,11 @@ def run(cfg: ExperimentConfig, ds: dict) -> int:
     method = build_method(cfg, generator, teacher, critic, build_rollout(job, rollout_rng, rng), rng)
     del teacher  # the method holds it if it uses it (DMD / SiD); otherwise it is freed here
     student = copy.deepcopy(generator) if rank == 0 else None  # plain copy to evaluate in
+    if ev is not None:  # what training starts from: the measure of what distillation changed
+        from megadistill.demo.evaluation import compare
+
+        ev.initial = compare(student_samples(job, ev, student), ev.reference, ev.prompts)
+        log.info(f"generator before training: {len(job.rollout.steps.steps)}-step distance {ev.initial['feature']:.4f}")
     data = SeededBatchSource(make_batches(cfg, prompts), derive_seed(cfg.train.seed, rank, "data"))
     models = {"generator": generator, "critic": critic}
     metadata = {"config": to_dict(cfg), "model_configs": {
@@ -480,15 +494,13 @@ def finish_eval(cfg: ExperimentConfig, ev: EvalSet, student: nn.Module, trainer:
     from megadistill.demo.evaluation import compare
 
     job = cfg.wan
-    with torch.no_grad():
-        samples = generate(job, WanDenoiser(student.eval()), ev.cond, ev.noise,
-                           torch.Generator().manual_seed(job.eval.seed + 1))
+    samples = student_samples(job, ev, student)
     scores = compare(samples, ev.reference, ev.prompts)
     result = {
         "method": cfg.method.name, "rollout": job.rollout.kind, "student_steps": len(job.rollout.steps.steps),
         "evaluated": "ema" if use_ema else "generator", "step": trainer.step, "world_size": world_size,
         "zero_stage": trainer.engines.zero_stage, "teacher_steps": job.eval.teacher_steps,
-        "student": scores, "teacher": ev.teacher, "floor": ev.floor,
+        "student": scores, "teacher": ev.teacher, "floor": ev.floor, "initial": ev.initial,
         "ratio": scores["feature"] / ev.teacher["feature"], "total_seconds": time.perf_counter() - start,
     }
     os.makedirs(cfg.run.output_dir, exist_ok=True)

@@ -65,6 +65,9 @@ def test_demo_job_end_to_end(tmp_path):
     assert (result["step"], result["zero_stage"], result["world_size"]) == (4, 3, 1)
     assert float(m.group(3)) == pytest.approx(result["student"]["feature"], abs=1e-4)
     assert result["ratio"] == pytest.approx(result["student"]["feature"] / result["teacher"]["feature"])
+    # the generator's own score before training (what distillation changed) is measured and printed
+    final = next(line for line in stdout.splitlines() if line.startswith("final:"))
+    assert f"student before training {result['initial']['feature']:.4f}" in final
     # side by side MP4: teacher-50 | teacher-4 | student (2-px gaps), one 16-px row per prompt, 9
     # frames, upscaled x4 so the shorter side reaches 128 px
     frames = read_mp4(result["mp4"])
