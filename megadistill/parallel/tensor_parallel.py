@@ -1,0 +1,387 @@
+"""Megatron tensor parallelism for Wan, applied from outside the model by swapping submodules.
+
+Per block (``apply_tensor_parallel``): q/k/v (or the fused qkv) and ffn[0] become column-parallel
+(output features split: each rank owns num_heads / tp heads and ffn_dim / tp hidden units), o and ffn[2]
+row-parallel (input features split, outputs summed across the TP group), and the q/k norms become
+``TPRMSNorm``: Wan normalises q and k over the FULL width (all heads) before the head split, so the
+mean of squares is a sum of local sums of squares all-reduced across TP. Everything else (patch, text
+and time embeddings, modulation, layer norms, the head) stays replicated.
+
+Communication (Megatron's f/g operators): a column-parallel layer's input passes through
+``copy_to_tp`` (identity forward, all-reduce backward) and a row-parallel layer's output through
+``reduce_from_tp`` (all-reduce forward, identity backward). Every TP region is bracketed by the two,
+so outside the regions activations AND their gradients are full and identical on all TP ranks.
+Each column-parallel layer brackets its own input, so separate q, k, v all-reduce their (equal-sized)
+input gradients three times in backward where a fused qkv does it once: prefer ``fused_qkv`` with TP.
+
+Gradients of replicated parameters therefore need NO extra all-reduce across TP: each replicated
+parameter is used only on replicated activations, whose incoming gradient (after copy_to_tp's
+backward all-reduce) is the full gradient, so every TP rank computes the full, identical gradient
+(tested against the single-process model). Megatron's extra all-reduce of norm/AdaLN gradients is for
+Megatron-style sequence parallelism, where the replicated layers see only a slice of the tokens; here
+the Ulysses SP ranks' partial gradients are summed by ZeRO over the sequence_data group instead.
+
+Sharded parameters keep their names (``self_attn.q.weight`` ...) and carry Megatron's attributes
+``tensor_model_parallel = True``, ``partition_dim`` and ``partition_chunks`` (DeepSpeed's gradient-norm
+code counts them on every TP rank, replicated ones once). Checkpoints stay unsharded: load the full
+state dict into the unsharded model, then ``apply_tensor_parallel``, or (never holding the full model)
+build on the meta device, apply TP, materialise (``to_empty``) and ``load_unsharded_state_dict``;
+``gather_tensor_parallel_state_dict`` rebuilds the full state dict (original keys and shapes).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megadistill.models.wan.blocks import WanBlock
+from megadistill.models.wan.norms import WanRMSNorm
+
+
+def group_size(group: Any) -> int:
+    """Size of a process group; None (no group) counts as 1."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd communication primitives
+# ---------------------------------------------------------------------------------------------------
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward, all-reduce (sum) backward: the input of a column-parallel region."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce (sum) forward, identity backward: the output of a row-parallel region."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum across ranks forward AND backward: a partial statistic that every rank then consumes with
+    its own slice (the RMSNorm sum of squares). Each rank's backward holds the gradient through its
+    own slice only; the statistic's true gradient is the sum of them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def copy_to_tp(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def all_reduce_sum(x: torch.Tensor, group: Any) -> torch.Tensor:
+    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharding of one tensor
+# ---------------------------------------------------------------------------------------------------
+
+def shard(t: torch.Tensor, dim: int, rank: int, size: int, chunks: int = 1) -> torch.Tensor:
+    """This rank's shard of ``t`` along ``dim``. With ``chunks`` > 1 the dim holds that many equal parts
+    (fused [q; k; v]) and each part is split separately: the shard is [part_0 slice, part_1 slice, ...],
+    so the local tensor still chunks into the same parts."""
+    if t.shape[dim] % (chunks * size):
+        raise ValueError(f"dim {dim} of size {t.shape[dim]} ({chunks} part(s)) does not split into {size} shards")
+    return torch.cat([part.chunk(size, dim)[rank] for part in t.chunk(chunks, dim)], dim)
+
+
+def unshard(shards: list[torch.Tensor], dim: int, chunks: int = 1) -> torch.Tensor:
+    """Inverse of ``shard``: the full tensor from every rank's shard, in rank order."""
+    if chunks == 1:
+        return torch.cat(shards, dim)
+    per_rank = [s.chunk(chunks, dim) for s in shards]
+    return torch.cat([torch.cat([p[c] for p in per_rank], dim) for c in range(chunks)], dim)
+
+
+def _mark(p: nn.Parameter, dim: int, chunks: int) -> None:
+    # Megatron's attributes; DeepSpeed's gradient norm counts such parameters on every TP rank.
+    p.tensor_model_parallel, p.partition_dim, p.partition_chunks = True, dim, chunks
+
+
+def _sharded_parameter(full: torch.Tensor, dim: int, group: Any, chunks: int) -> nn.Parameter:
+    local = shard(full.detach(), dim, dist.get_rank(group), group_size(group), chunks).clone().contiguous()
+    p = nn.Parameter(local, requires_grad=full.requires_grad)
+    _mark(p, dim, chunks)
+    return p
+
+
+def _replicated_parameter(full: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
+    return None if full is None else nn.Parameter(full.detach().clone(), requires_grad=full.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parallel layers
+# ---------------------------------------------------------------------------------------------------
+
+class _GroupHandle:
+    """A layer's process group. Deep copies of the model (EMA, a generator copied from the teacher)
+    share it: a ProcessGroup cannot be copied."""
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: Any):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _TPLayer(nn.Module):
+    """A layer split across a TP group. ``partition`` maps each sharded parameter's name to (dim,
+    chunks): the layout lives on the module, since parameter objects (and their attributes) can be
+    replaced, e.g. by ``to_empty``."""
+
+    partition: dict[str, tuple[int, int]] = {}
+
+    def __init__(self, group: Any):
+        super().__init__()
+        self._group = _GroupHandle(group)
+
+    @property
+    def group(self) -> Any:
+        return self._group.group
+
+
+class ColumnParallelLinear(_TPLayer):
+    """y_r = x W_r^T + b_r: this rank's output features (W split on dim 0). ``chunks`` > 1: the output is
+    ``chunks`` concatenated parts (fused qkv), each split, so ``y_r.chunk(chunks, -1)`` gives this rank's
+    slice of every part."""
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group: Any, in_features: int,
+                 chunks: int = 1):
+        super().__init__(group)
+        self.weight, self.bias = weight, bias
+        self.in_features, self.out_features = in_features, weight.shape[0]
+        self.partition = {"weight": (0, chunks)} if bias is None else {"weight": (0, chunks), "bias": (0, chunks)}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: Any, chunks: int = 1) -> "ColumnParallelLinear":
+        w = _sharded_parameter(linear.weight, 0, group, chunks)
+        b = None if linear.bias is None else _sharded_parameter(linear.bias, 0, group, chunks)
+        return cls(w, b, group, linear.in_features, chunks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} (local), "
+                f"bias={self.bias is not None}, tp={group_size(self.group)}")
+
+
+class RowParallelLinear(_TPLayer):
+    """y = sum_r x_r W_r^T + b: this rank's input features (W split on dim 1), outputs all-reduced; the
+    replicated bias is added once, after the reduction."""
+
+    partition = {"weight": (1, 1)}
+
+    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], group: Any, out_features: int):
+        super().__init__(group)
+        self.weight, self.bias = weight, bias
+        self.in_features, self.out_features = weight.shape[1], out_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: Any) -> "RowParallelLinear":
+        w = _sharded_parameter(linear.weight, 1, group, 1)
+        return cls(w, _replicated_parameter(linear.bias), group, linear.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (local), out_features={self.out_features}, "
+                f"bias={self.bias is not None}, tp={group_size(self.group)}")
+
+
+def tp_rms_normalize(x: torch.Tensor, full_dim: int, eps: float, group: Any) -> torch.Tensor:
+    """x / sqrt(mean(x_full^2) + eps) for x this rank's slice of the last dim of x_full."""
+    sum_sq = all_reduce_sum(x.pow(2).sum(dim=-1, keepdim=True), group)
+    return x * torch.rsqrt(sum_sq / full_dim + eps)
+
+
+class TPRMSNorm(_TPLayer):
+    """``WanRMSNorm`` over the full width for a column-sharded input: the weight holds this rank's
+    slice; statistics in float32 across the TP group, then WanRMSNorm's order (cast back to the input
+    dtype, then scale)."""
+
+    partition = {"weight": (0, 1)}
+
+    def __init__(self, weight: nn.Parameter, full_dim: int, eps: float, group: Any):
+        super().__init__(group)
+        self.weight, self.full_dim, self.eps = weight, full_dim, eps
+
+    @classmethod
+    def from_norm(cls, norm: WanRMSNorm, group: Any) -> "TPRMSNorm":
+        return cls(_sharded_parameter(norm.weight, 0, group, 1), norm.weight.shape[0], norm.eps, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return tp_rms_normalize(x.float(), self.full_dim, self.eps, self.group).type_as(x) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"full_dim={self.full_dim}, local={self.weight.shape[0]}, eps={self.eps}, tp={group_size(self.group)}"
+
+
+def sharded_parameters(model: nn.Module) -> dict[str, tuple[nn.Parameter, int, int]]:
+    """Every TP-sharded parameter of ``model``: full name -> (parameter, dim, chunks), in module order."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, _TPLayer):
+            for pname, (dim, chunks) in module.partition.items():
+                out[f"{prefix}.{pname}" if prefix else pname] = (getattr(module, pname), dim, chunks)
+    return out
+
+
+def mark_tensor_parallel_parameters(model: nn.Module) -> None:
+    """(Re)set Megatron's ``tensor_model_parallel`` / ``partition_dim`` / ``partition_chunks`` attributes
+    on the sharded parameters, e.g. after ``to_empty`` replaced the parameter objects."""
+    for p, dim, chunks in sharded_parameters(model).values():
+        _mark(p, dim, chunks)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Applying TP to a Wan model
+# ---------------------------------------------------------------------------------------------------
+
+def wan_blocks(model: nn.Module) -> list[WanBlock]:
+    """Every WanBlock of a WanModel, a WanMoE (both experts) or any module holding them."""
+    return [m for m in model.modules() if isinstance(m, WanBlock)]
+
+
+def check_tensor_parallel(model: nn.Module, tp: int) -> None:
+    """Raise ValueError (before anything is modified) when ``model`` cannot be split ``tp`` ways."""
+    blocks = wan_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no WanBlock to apply tensor parallelism to")
+    for block in blocks:
+        if any(isinstance(m, _TPLayer) for m in block.modules()):
+            raise ValueError("tensor parallelism is already applied to this model")
+        heads, ffn_dim = block.self_attn.num_heads, block.ffn[0].out_features
+        if heads % tp:
+            valid = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
+            raise ValueError(f"tensor parallel size {tp} does not divide the model's {heads} heads "
+                             f"(tp must be one of {valid})")
+        if ffn_dim % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide the model's ffn_dim {ffn_dim}")
+
+
+def _parallel_norm(norm: nn.Module, group: Any) -> nn.Module:
+    # qk_norm=False gives nn.Identity: element-wise, nothing to shard.
+    return TPRMSNorm.from_norm(norm, group) if isinstance(norm, WanRMSNorm) else norm
+
+
+def _parallelize_block(block: WanBlock, group: Any, tp: int) -> None:
+    sa, ca = block.self_attn, block.cross_attn
+    if sa.fused_qkv:
+        sa.qkv = ColumnParallelLinear.from_linear(sa.qkv, group, chunks=3)
+    else:
+        sa.q, sa.k, sa.v = (ColumnParallelLinear.from_linear(lin, group) for lin in (sa.q, sa.k, sa.v))
+    sa.o = RowParallelLinear.from_linear(sa.o, group)
+    sa.norm_q, sa.norm_k = _parallel_norm(sa.norm_q, group), _parallel_norm(sa.norm_k, group)
+    sa.num_heads //= tp
+
+    ca.q, ca.k, ca.v = (ColumnParallelLinear.from_linear(lin, group) for lin in (ca.q, ca.k, ca.v))
+    ca.o = RowParallelLinear.from_linear(ca.o, group)
+    ca.norm_q, ca.norm_k = _parallel_norm(ca.norm_q, group), _parallel_norm(ca.norm_k, group)
+    if ca.image_branch:
+        ca.k_img, ca.v_img = (ColumnParallelLinear.from_linear(lin, group) for lin in (ca.k_img, ca.v_img))
+        ca.norm_k_img = _parallel_norm(ca.norm_k_img, group)
+    ca.num_heads //= tp
+
+    block.ffn[0] = ColumnParallelLinear.from_linear(block.ffn[0], group)
+    block.ffn[2] = RowParallelLinear.from_linear(block.ffn[2], group)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_group: Any) -> nn.Module:
+    """Split every WanBlock of ``model`` (WanModel or WanMoE) across ``tp_group``, in place; returns it.
+
+    Load the unsharded weights first: each rank keeps its shard of them. A group of size 1 (or None)
+    leaves the model untouched. ValueError, before anything changes, when heads or ffn_dim do not
+    divide by the group size. Apply it before sequence parallelism, which splits the (then local)
+    heads again.
+    """
+    tp = group_size(tp_group)
+    if tp == 1:
+        return model
+    check_tensor_parallel(model, tp)
+    for block in wan_blocks(model):
+        _parallelize_block(block, tp_group, tp)
+    return model
+
+
+@torch.no_grad()
+def gather_tensor_parallel_state_dict(model: nn.Module, tp_group: Any) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (original keys and shapes) of a TP model, on every rank of the group.
+
+    Collective: every rank of ``tp_group`` must call it (parameters are visited in the same order).
+    """
+    state = model.state_dict()
+    world = group_size(tp_group)
+    if world == 1:
+        return state
+    for name, (p, dim, chunks) in sharded_parameters(model).items():
+        local = p.detach().contiguous()
+        shards = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(shards, local, group=tp_group)
+        state[name] = unshard(shards, dim, chunks)
+    return state
+
+
+@torch.no_grad()
+def load_unsharded_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], tp_group: Any) -> None:
+    """Copy an unsharded state dict (original keys and shapes) into a TP model, each rank taking its
+    shard: for a model built on the meta device, split, then materialised (``to_empty``), so no rank
+    ever holds the full weights in its parameters. Strict: every key must match."""
+    own, sharded = model.state_dict(), sharded_parameters(model)
+    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the model: missing {missing}, unexpected {unexpected}")
+    size = group_size(tp_group)
+    rank = dist.get_rank(tp_group) if size > 1 else 0
+    for name, target in own.items():
+        full = state_dict[name]
+        if name in sharded:
+            _, dim, chunks = sharded[name]
+            full = shard(full, dim, rank, size, chunks)
+        if full.shape != target.shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(full.shape)} does not match {tuple(target.shape)}")
+        target.copy_(full)
+    mark_tensor_parallel_parameters(model)
