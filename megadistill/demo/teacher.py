@@ -32,6 +32,21 @@ from .videos import VideoSetConfig
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_WEIGHTS = ASSET_DIR / "demo_teacher.safetensors"
 TRAIN_TOOL = "tools/train_demo_teacher.py"
+# A checkpoint path ``demo:<name>`` names a shipped asset, so configs work from any working directory
+# and from an installed package: ``demo:causal_init`` is the causal student's starting point
+# (configs/demo_causal_init.yaml), ``demo:teacher`` the teacher.
+ASSET_PREFIX = "demo:"
+
+
+def resolve_checkpoint(path: str) -> str:
+    """``demo:<name>`` -> the path of ``assets/demo_<name>.safetensors``; any other path unchanged."""
+    if not path.startswith(ASSET_PREFIX):
+        return path
+    name = path[len(ASSET_PREFIX):]
+    shipped = sorted(p.stem[len("demo_"):] for p in ASSET_DIR.glob("demo_*.safetensors"))
+    if name not in shipped:
+        raise FileNotFoundError(f"{path}: no shipped demo asset {name!r}; shipped: {shipped}")
+    return str(ASSET_DIR / f"demo_{name}.safetensors")
 
 TEXT_DIM = 32
 TEXT_LEN = 8

@@ -6,6 +6,7 @@ direction only about half the time, and its 4-step samples are not yet farther f
 samples, in feature distance, than a second 50-step draw is; so no test here claims that.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -107,3 +108,14 @@ def test_four_step_samples_are_softer_than_fifty_step_ones(samples):
     soft_50 = video_features(both)["softness"].mean()
     soft_4 = video_features(few)["softness"].mean()
     assert soft_4 > MIN_SOFTNESS_RATIO * soft_50, (float(soft_4), float(soft_50))
+
+
+def test_demo_asset_references_resolve_to_shipped_files(tmp_path):
+    from megadistill.demo.teacher import ASSET_DIR, resolve_checkpoint
+
+    assert resolve_checkpoint("demo:teacher") == str(ASSET_DIR / "demo_teacher.safetensors")
+    assert os.path.isfile(resolve_checkpoint("demo:teacher"))
+    plain = str(tmp_path / "weights.safetensors")
+    assert resolve_checkpoint(plain) == plain  # other paths pass through untouched
+    with pytest.raises(FileNotFoundError, match="no shipped demo asset 'nope'.*'teacher'"):
+        resolve_checkpoint("demo:nope")

@@ -85,6 +85,8 @@ def test_config_validation():
         CausalDiffusionConfig(shift=1.0, min_timestep=0.0, max_timestep=0.5)
     with pytest.raises(ValueError, match="weighting"):
         CausalDiffusionConfig(weighting="snr")
+    with pytest.raises(ValueError, match="teacher_forcing_fraction"):
+        CausalDiffusionConfig(context="mixed", teacher_forcing_fraction=1.5)
     ts = eligible_timesteps(CausalDiffusionConfig(shift=SHIFT, min_timestep=200.0, max_timestep=800.0))
     assert ts.min() >= 200 and ts.max() <= 800 and len(ts) > 100
 
@@ -118,6 +120,41 @@ def test_diffusion_forcing_loss_matches_reference():
     torch.testing.assert_close(t_in, t)
     torch.testing.assert_close(x_in, x_t, rtol=1e-6, atol=1e-6)
     assert (t_in[:, 0::NFPB] == t_in[:, 1::NFPB]).all() and (t_in[:, 0] != t_in[:, NFPB]).any()
+
+
+def test_mixed_context_matches_reference_per_sample():
+    """Each sample is a teacher-forcing or a diffusion-forcing sample (both occur with this seed), in one forward."""
+    num_blocks = F // NFPB
+    seed = next(s for s in range(100) if len(set((torch.rand(B, generator=torch.Generator().manual_seed(s)) < 0.5)
+                                                  .tolist())) == 2)
+    gen, batch = _generator(), _batch()
+    calls = _record_calls(gen)
+    cfg = CausalDiffusionConfig(context="mixed", num_frame_per_block=NFPB, shift=SHIFT)
+    loss, _ = CausalDiffusion(cfg, generator=gen, rng=torch.Generator().manual_seed(seed)).generator_loss(batch, 0)
+    calls = list(calls)
+
+    g = torch.Generator().manual_seed(seed)
+    use_tf = torch.rand(B, generator=g) < 0.5
+    target = torch.randint(0, num_blocks, (B,), generator=g)
+    index = torch.randint(0, 1000, (B, num_blocks), generator=g)
+    eps = torch.randn(B, C, F, H, W, generator=g)
+    grid_index, context, loss_frames = [], [], []
+    for s in range(B):
+        b = int(target[s])
+        if use_tf[s]:  # clean blocks before b; b and later at block b's draw; loss on block b
+            grid_index.append([None if f // NFPB < b else int(index[s, b]) for f in range(F)])
+            context.append(range(b * NFPB))
+            loss_frames.append(range(b * NFPB, (b + 1) * NFPB))
+        else:
+            grid_index.append([int(index[s, f // NFPB]) for f in range(F)])
+            context.append(())
+            loss_frames.append(range(F))
+    with torch.no_grad():
+        ref, x_t, t = _reference_loss(gen.net, batch.real, eps, grid_index, context, loss_frames, batch.cond)
+    torch.testing.assert_close(loss.detach(), ref.float(), rtol=1e-5, atol=0)
+    assert len(calls) == 1 and calls[0][0].shape[2] == F  # nothing dropped
+    torch.testing.assert_close(calls[0][1], t)
+    torch.testing.assert_close(calls[0][0], x_t, rtol=1e-6, atol=1e-6)
 
 
 def _seed_with_distinct_blocks(num_blocks):
@@ -199,7 +236,7 @@ def _smooth_videos(n, seed=0):
     return (pattern + ramp).clamp(-2, 2)
 
 
-@pytest.mark.parametrize("context", ["diffusion_forcing", "teacher_forcing"])
+@pytest.mark.parametrize("context", ["diffusion_forcing", "teacher_forcing", "mixed"])
 def test_loss_decreases_with_adam_on_a_tiny_data_set(context):
     gen = _generator(seed=1)
     data = _smooth_videos(4).repeat(2, 1, 1, 1, 1)  # 4 videos, each twice per batch (two noise draws)
