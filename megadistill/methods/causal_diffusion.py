@@ -31,7 +31,9 @@ diffusion forcing, in one forward (no frames dropped; a teacher-forcing sample's
 block b stay noised at t_b and out of its loss). Diffusion forcing alone trains every block but only
 ever shows the model noisy context, while the streaming sampler conditions on clean context blocks
 (``context_noise`` 0); teacher forcing shows exactly that but trains one block per sample: the mix gets
-both (on the demo it gave a better 4-step causal student than either pure form at equal steps).
+both. On the demo (configs/demo_causal_init.yaml, 1200 steps from the teacher's weights) the 4-step
+causal model reached feature distance 0.2195 / attributes right 0.69 with ``mixed`` against 0.2295 /
+0.59 with diffusion forcing alone (teacher forcing alone not measured).
 
 Random draws, in this order, from ``rng`` (one CPU generator; tests re-derive them):
   teacher forcing:   b = randint(0, num_blocks, (B,)); index = randint(0, K, (B,));
