@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Few-step inference with a distilled student: prompts in, MP4 out.
 
-    python launch/infer.py --checkpoint outputs/default/checkpoints --prompt "a red square moving left" \\
+    python launch/infer.py --checkpoint outputs/demo_dmd/checkpoints --prompt "a red square moving left" \\
         [--prompt ...] [--prompts-file prompts.txt] [--model ema|generator] [--num-frames F] [--seed 0] \\
-        [--vae DIR] [--out outputs/default/infer.mp4] [--fps 16]
+        [--vae DIR] [--out outputs/demo_dmd/infer.mp4] [--fps 16]
 
 ``--checkpoint`` is a trainer checkpoint (its root or a step_* directory): it records the experiment
 config and the generator's WanConfig, so the student runs exactly as trained: causal streaming (block by

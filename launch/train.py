@@ -7,8 +7,8 @@
     python launch/train.py --config configs/toylab.yaml           (the toy lab table; no DeepSpeed)
     python launch/train.py [--config X.yaml] --print-config       (the resolved config)
 
-Without ``--config`` it runs the embedded default, ``configs/default.yaml``: Self-Forcing DMD of the
-shipped demo teacher into a 4-step causal student. ``job:`` in the config picks what runs (see
+Without ``--config`` it runs the embedded default, ``configs/demo_dmd.yaml``: Self-Forcing DMD of the
+shipped demo teacher into a 4-step causal student (``configs/toylab_dmd.yaml``: the same on the toy lab). ``job:`` in the config picks what runs (see
 megadistill/experiment.py): ``wan`` and ``toylab`` train through the DeepSpeed trainer and need
 ``--ds_config``; ``toylab_table`` does not. The config, the DeepSpeed config and every file the job
 will read are checked (unknown keys, wrong types, missing files, ZeRO stage, batch sizes, resume
@@ -24,7 +24,7 @@ import sys
 import warnings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, "configs", "default.yaml")
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo_dmd.yaml")
 if REPO not in sys.path:  # runnable from a checkout without `pip install -e .`
     sys.path.insert(0, REPO)
 

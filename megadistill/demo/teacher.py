@@ -45,7 +45,7 @@ def resolve_checkpoint(path: str) -> str:
     name = path[len(ASSET_PREFIX):]
     shipped = sorted(p.stem[len("demo_"):] for p in ASSET_DIR.glob("demo_*.safetensors"))
     if name not in shipped:
-        raise FileNotFoundError(f"{path}: no shipped demo asset {name!r}; shipped: {shipped}")
+        raise ValueError(f"{path}: no shipped demo asset {name!r}; shipped: {shipped}")
     return str(ASSET_DIR / f"demo_{name}.safetensors")
 
 TEXT_DIM = 32

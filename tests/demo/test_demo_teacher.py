@@ -117,5 +117,5 @@ def test_demo_asset_references_resolve_to_shipped_files(tmp_path):
     assert os.path.isfile(resolve_checkpoint("demo:teacher"))
     plain = str(tmp_path / "weights.safetensors")
     assert resolve_checkpoint(plain) == plain  # other paths pass through untouched
-    with pytest.raises(FileNotFoundError, match="no shipped demo asset 'nope'.*'teacher'"):
+    with pytest.raises(ValueError, match="no shipped demo asset 'nope'.*'teacher'"):
         resolve_checkpoint("demo:nope")

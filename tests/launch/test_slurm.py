@@ -214,7 +214,7 @@ def test_descendant_pids_reach_processes_in_new_sessions():
 # ------------------------------------------------------------------------------------ command lines
 def test_torchrun_command_line(fake, tmp_path):
     env, fake_dir = fake
-    env.update(FAKE_EXIT="0", CONFIG="configs/default.yaml")
+    env.update(FAKE_EXIT="0", CONFIG="configs/toylab_dmd.yaml")
     code, log = _run(env, "run.output_dir=/shared/x", "train.max_steps=7", tmp_path=tmp_path)
     assert code == 0, log
     port = str(10000 + int(JOB_ID) % 20000)
@@ -222,7 +222,7 @@ def test_torchrun_command_line(fake, tmp_path):
         "--nodes=3", "--ntasks=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "launch/slurm/node_run.sh",
         "torchrun", "--nnodes", "3", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", f"gpu001:{port}", "--rdzv_id", JOB_ID, "launch/train.py",
-        "--ds_config", "configs/zero3.json", "--config", "configs/default.yaml",
+        "--ds_config", "configs/zero3.json", "--config", "configs/toylab_dmd.yaml",
         "run.output_dir=/shared/x", "train.max_steps=7",
     ]
     assert _args(fake_dir / "torchrun.args") == _args(fake_dir / "srun.args")[6:]

@@ -1,5 +1,5 @@
-"""launch/train.py --ds_config with the embedded default (configs/default.yaml): a toy-lab distillation
-through the DeepSpeed trainer, and input checks.
+"""launch/train.py --ds_config: a toy-lab distillation through the DeepSpeed trainer
+(configs/toylab_dmd.yaml), input checks, and what the embedded default is.
 
 The runs use a tiny budget (small teacher, few evaluation samples, 120 trainer steps) in
 subprocesses, as a user would start them; the quality figure they print is compared with the
@@ -21,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "launch" / "train.py"
 ZERO3 = ROOT / "configs" / "zero3.json"
+TOYLAB = ROOT / "configs" / "toylab_dmd.yaml"
 TINY = [
     "toylab.teacher.iterations=400", "toylab.eval.samples_per_class=500", "toylab.eval.num_projections=64",
     "train.max_steps=120", "train.micro_batch_size=128", "train.log_every=40", "train.save_every=60",
@@ -52,7 +53,8 @@ def _final(stdout: str):
 
 def test_plain_python_run_beats_teacher_and_resumes(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(TRAIN), "--ds_config", str(ZERO3), f"run.output_dir={out}", *TINY]
+    cmd = [sys.executable, str(TRAIN), "--ds_config", str(ZERO3), "--config", str(TOYLAB), f"run.output_dir={out}",
+           *TINY]
     stdout = _run(cmd)
     distance, teacher, ratio = _final(stdout)
     assert ratio == pytest.approx(distance / teacher, abs=2e-3)
@@ -75,7 +77,7 @@ def test_two_process_torchrun_run(tmp_path):
     launch and the gathers for evaluation, not quality: the plain run does that)."""
     out = tmp_path / "run2"
     stdout = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(train_cli_free_port()), str(TRAIN),
-                   "--ds_config", str(ZERO3), f"run.output_dir={out}", *TINY,
+                   "--ds_config", str(ZERO3), "--config", str(TOYLAB), f"run.output_dir={out}", *TINY,
                    "toylab.teacher.iterations=100",
                    "toylab.eval.samples_per_class=200", "train.max_steps=20", "train.micro_batch_size=64",
                    "train.save_every=0"])
@@ -84,6 +86,21 @@ def test_two_process_torchrun_run(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert (result["world_size"], result["zero_stage"], result["step"]) == (2, 3, 20)
     assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_000000020"]
+
+
+def test_embedded_default_is_the_self_forcing_demo():
+    """No --config: Self-Forcing DMD of the shipped demo teacher into a 4-step causal student that starts
+    from the shipped causal initialisation (the demo's two stages)."""
+    from megadistill.config import load_config
+    from megadistill.demo.teacher import resolve_checkpoint
+    from megadistill.experiment import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, train_cli.DEFAULT_CONFIG, [])
+    assert Path(train_cli.DEFAULT_CONFIG) == ROOT / "configs" / "demo_dmd.yaml"
+    assert (cfg.job, cfg.method.name, cfg.wan.rollout.kind, cfg.wan.teacher.preset) == ("wan", "dmd", "causal", "demo")
+    assert len(cfg.wan.rollout.steps.steps) == 4 and cfg.wan.eval.enabled
+    assert cfg.wan.generator.checkpoint == resolve_checkpoint("demo:causal_init")
+    assert os.path.isfile(cfg.wan.generator.checkpoint)
 
 
 def train_cli_free_port() -> int:
