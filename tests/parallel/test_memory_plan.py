@@ -60,7 +60,6 @@ def _zero(run) -> ZeroSettings:
 
 @pytest.fixture(scope="module")
 def deepspeed_sizes(tmp_path_factory):
-    pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("memplan_zero")
     spec = {"model": TINY, "results": str(out / "rank{rank}.json"), "runs": RUNS}
     (out / "spec.json").write_text(json.dumps(spec))

@@ -90,7 +90,6 @@ def test_layout_matches_independent_enumeration(world, tp, sp, cfg):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("mesh")
     ranks.launch(HERE / "mesh_worker.py", [str(out)], world_size=WORLD, log_dir=out, timeout_s=150)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
