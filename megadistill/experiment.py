@@ -7,6 +7,10 @@
     train     the DeepSpeed trainer's loop, optimizers, EMA and checkpoints (engine/config.py)
     method    which method the trainer distills and its typed config (defaults: upstream Self-Forcing)
     wan       models, data, rollout and evaluation of the ``wan`` job
+    parallel  how the ``wan`` job splits each sample across ranks: tensor parallel ``tp`` and Ulysses
+              sequence parallel ``sp`` (``cfg`` parallel guidance is not implemented yet); the rest
+              of the world is data parallel. Checked against the world size and the models' heads
+              before anything is built (wan_job.check_inputs)
     toylab    the toy lab: teacher, data, evaluation (and the per-method budgets of the lab table)
 
 Defaults are the upstream (Self-Forcing, Wan2.1 T2V) values; every shipped YAML in configs/ states
@@ -23,6 +27,7 @@ from megadistill.methods.dmd import DMDConfig
 from megadistill.methods.gan import GANConfig
 from megadistill.methods.ode_regression import ODERegressionConfig
 from megadistill.methods.sid import SiDConfig
+from megadistill.parallel.mesh import ParallelConfig
 from megadistill.rollout.self_forcing import SelfForcingConfig
 from megadistill.rollout.steps import StepListConfig
 from megadistill.toylab.config import ToyLabConfig
@@ -78,11 +83,17 @@ class WanModelConfig:
     """One network of the wan job. ``preset``: a Wan preset (models/wan/config.py) or ``demo`` (the
     shipped demo teacher's architecture); ``checkpoint``: weights to load (original or diffusers
     keys, file or folder); empty = the shipped demo teacher for ``demo``, else the teacher's weights
-    (generator / critic); ``overrides``: WanConfig fields (e.g. grad_checkpointing)."""
+    (generator / critic); ``demo:<name>`` = a shipped demo asset (``demo:causal_init``), resolved to
+    its path here; ``overrides``: WanConfig fields (e.g. grad_checkpointing)."""
 
     preset: str = ""
     checkpoint: str = ""
     overrides: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        from megadistill.demo.teacher import resolve_checkpoint
+
+        self.checkpoint = resolve_checkpoint(self.checkpoint)
 
 
 @dataclass
@@ -178,10 +189,16 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     wan: WanJobConfig = field(default_factory=WanJobConfig)
     toylab: ToyLabConfig = field(default_factory=ToyLabConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
         if self.job not in JOBS:
             raise ValueError(f"job must be one of {JOBS}, got {self.job!r}")
+        p = self.parallel
+        if self.job != "wan" and p.model_parallel > 1:
+            raise ValueError(f"parallel: job {self.job!r} runs data parallel only (its toy models have no heads to "
+                             f"split); set parallel.tp, parallel.sp and parallel.cfg to 1, got tp={p.tp}, sp={p.sp}, "
+                             f"cfg={p.cfg}")
         allowed = JOB_METHODS.get(self.job)
         if allowed is not None and self.method.name not in allowed:
             raise ValueError(f"method.name: job {self.job!r} runs {list(allowed)}, not {self.method.name!r}")

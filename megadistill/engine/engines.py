@@ -11,6 +11,15 @@ needs to know about DeepSpeed.
 
 ``init_distributed`` works under the ``deepspeed`` launcher, ``torchrun`` (both set RANK/WORLD_SIZE)
 and plain ``python`` (it then starts a one-process group itself), with NCCL on GPU and gloo on CPU.
+
+With a ``ParallelMesh`` that splits samples (tp or sp > 1) every engine gets the mesh as DeepSpeed's
+``mpu``: ZeRO then partitions parameters and reduces gradients over the mesh's sequence_data group
+(dp x sp at fixed tp), and never mixes different TP shards. How DeepSpeed 0.19 weighs the SP ranks
+depends on the reduction path (``sequence_parallel_loss_scale``); the trainer scales each rank's loss
+so that every path gives the mean over the dp replicas' samples. Under ZeRO-3 a module
+not built partitioned is converted with ``deepspeed.zero.Init(module=...)`` over that group before
+``deepspeed.initialize`` (left to DeepSpeed, it would be partitioned over the dp group alone).
+Full weights (``full_state_dict`` / ``load_full_state_dict``) are gathered / cut across TP as well.
 """
 from __future__ import annotations
 
@@ -82,20 +91,68 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def model_init_context(ds: Dict[str, Any]):
+def model_init_context(ds: Dict[str, Any], mesh=None):
     """Context to construct models in so that, under ZeRO-3, each parameter is partitioned as soon as
     its module is built (``deepspeed.zero.Init``): no rank ever holds a full 14B teacher. Under stages
     0-2 it does nothing. Needs the process group (``init_distributed``) and a validated ds_config.
 
     Inside it, a module's own ``__init__`` code that touches a submodule's weights after building it
     (``nn.init.zeros_(self.proj.weight)``) sees an empty partition and does nothing: load real weights
-    afterwards with ``load_full_state_dict``."""
+    afterwards with ``load_full_state_dict``. With a ``mesh`` the partitions span its sequence_data
+    group (tensor parallelism must be applied before partitioning: build TP models outside, then
+    ``build_engines`` converts them)."""
     if zero_stage(ds) != 3:
         return contextlib.nullcontext()
     import deepspeed
 
     _skip_cpu_shm_kernel()
-    return deepspeed.zero.Init(config_dict_or_path=model_ds_config(ds, None))
+    return deepspeed.zero.Init(config_dict_or_path=model_ds_config(ds, None), **_zero_init_kwargs(mesh))
+
+
+def _mpu(mesh):
+    """The mesh as DeepSpeed's mpu when it splits samples (tp or sp > 1), else None (plain data parallel)."""
+    from megadistill.parallel.parallelize import uses_model_parallel
+
+    return mesh if uses_model_parallel(mesh) else None
+
+
+def _zero_init_kwargs(mesh) -> Dict[str, Any]:
+    return mesh.zero_init_kwargs() if _mpu(mesh) is not None else {}
+
+
+def partition_for_zero3(module: nn.Module, ds: Dict[str, Any], mesh=None) -> None:
+    """Partition a built module's parameters (ZeRO-3) over the group its engine will reduce over: with
+    a sample-splitting mesh, DeepSpeed would otherwise convert it over the dp group alone. Parameters
+    already partitioned (built inside ``model_init_context``) are left as they are."""
+    if zero_stage(ds) != 3 or _mpu(mesh) is None or all(hasattr(p, "ds_id") for p in module.parameters()):
+        return
+    import deepspeed
+
+    _skip_cpu_shm_kernel()
+    deepspeed.zero.Init(module=module, config_dict_or_path=model_ds_config(ds, None), **mesh.zero_init_kwargs())
+
+
+def sequence_parallel_loss_scale(ds: Dict[str, Any], sp: int) -> float:
+    """What each rank of an SP group multiplies its (full, identical) loss by before backward, so that
+    DeepSpeed's gradient reduction over the sequence_data group yields the mean over dp replicas.
+
+    Each SP rank's gradients are partials whose sum over the SP group is the gradient of the loss
+    (sequence_parallel.py). DeepSpeed 0.19 (read from the source, measured for ZeRO-3 and ZeRO-2 in
+    tests/parallel/test_parallel_training.py):
+    - ZeRO-3 with ``reduce_scatter`` (the default): ``reduce_scatter_coalesced`` divides by the size of
+      the whole sequence_data group, i.e. AVERAGES over dp x sp: backpropagate the full loss (1).
+    - stages 0-2: every path divides by (sequence_data size / sp), i.e. SUMS over SP: loss / sp.
+    - ZeRO-3 without ``reduce_scatter`` sums over SP for buckets up to ``reduce_bucket_size`` and
+      averages for larger ones: no single scale is right, so it is refused.
+    """
+    if sp == 1:
+        return 1.0
+    if zero_stage(ds) != 3:
+        return 1.0 / sp
+    if not ds.get("zero_optimization", {}).get("reduce_scatter", True):
+        raise ValueError("sequence parallelism under ZeRO-3 needs zero_optimization.reduce_scatter=true: without it "
+                         "DeepSpeed 0.19 weighs the SP ranks' gradients differently per bucket size")
+    return 1.0
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -123,22 +180,24 @@ def _check_params_belong(module: nn.Module, params: Sequence[nn.Parameter], role
         raise ValueError(f"{stray} of the {role} parameters do not belong to the {role} module")
 
 
-def build_train_engine(module: nn.Module, params: Sequence[nn.Parameter], optim: OptimConfig, ds: Dict[str, Any], role: str):
+def build_train_engine(module: nn.Module, params: Sequence[nn.Parameter], optim: OptimConfig, ds: Dict[str, Any],
+                       role: str, mesh=None):
     """A DeepSpeed engine training ``params`` (a subset of ``module``'s) with AdamW + warmup."""
     import deepspeed
 
     _skip_cpu_shm_kernel()
     params = list(params)
     _check_params_belong(module, params, role)
+    partition_for_zero3(module, ds, mesh)
     optimizer = build_optimizer(params, optim)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, optim),
-        config=model_ds_config(ds, optim),
+        config=model_ds_config(ds, optim), mpu=_mpu(mesh),
     )
     return engine
 
 
-def build_frozen(module: nn.Module, ds: Dict[str, Any], device: torch.device):
+def build_frozen(module: nn.Module, ds: Dict[str, Any], device: torch.device, mesh=None):
     """Freeze ``module``; under ZeRO-3 partition it with an optimizer-less engine (returned), else
     move it to the device and precision of the trained models and return None."""
     import deepspeed
@@ -148,7 +207,8 @@ def build_frozen(module: nn.Module, ds: Dict[str, Any], device: torch.device):
     module.eval()
     if zero_stage(ds) == 3:
         _skip_cpu_shm_kernel()
-        engine, _, _, _ = deepspeed.initialize(model=module, config=model_ds_config(ds, None))
+        partition_for_zero3(module, ds, mesh)
+        engine, _, _, _ = deepspeed.initialize(model=module, config=model_ds_config(ds, None), mpu=_mpu(mesh))
         engine.eval()
         return engine
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else None
@@ -190,18 +250,21 @@ def build_engines(
     generator_optim: OptimConfig,
     critic_optim: OptimConfig,
     device: torch.device,
+    mesh=None,
 ) -> Engines:
-    """Engines for ``method``'s models from a validated ds_config (see config.load_ds_config)."""
+    """Engines for ``method``'s models from a validated ds_config (see config.load_ds_config); with
+    a ``mesh`` (``ParallelMesh``) the models must already be parallelized (parallelize_wan)."""
     modules = method_modules(method)
-    generator = build_train_engine(modules["generator"], method.generator_parameters(), generator_optim, ds, "generator")
+    generator = build_train_engine(modules["generator"], method.generator_parameters(), generator_optim, ds,
+                                   "generator", mesh)
     critic = None
     if method.has_critic:
         if modules["critic"] is None:
             raise ValueError(f"method {method.name!r} has a critic but no .critic module")
-        critic = build_train_engine(modules["critic"], method.critic_parameters(), critic_optim, ds, "critic")
+        critic = build_train_engine(modules["critic"], method.critic_parameters(), critic_optim, ds, "critic", mesh)
     teacher = None
     if modules["teacher"] is not None:
-        teacher = build_frozen(modules["teacher"], ds, device)
+        teacher = build_frozen(modules["teacher"], ds, device, mesh)
     return Engines(generator, critic, teacher, ds)
 
 
@@ -225,24 +288,33 @@ def set_requires_grad(params: List[nn.Parameter], flag: bool) -> None:
 
 @torch.no_grad()
 def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """Full CPU copies of ``module``'s parameters on every rank (a collective gather under ZeRO-3)."""
+    """Full CPU copies of ``module``'s parameters on every rank (a collective gather under ZeRO-3,
+    and across the TP group of tensor-parallel layers)."""
+    from megadistill.parallel.parallelize import gather_tensor_parallel
+
     named = list(module.named_parameters())
     if any(hasattr(p, "ds_id") for _, p in named):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().clone().cpu() for n, p in named}
-    return {n: p.detach().clone().cpu() for n, p in named}
+            local = {n: p.detach().clone().cpu() for n, p in named}
+    else:
+        local = {n: p.detach().clone().cpu() for n, p in named}
+    return gather_tensor_parallel(module, local)
 
 
 @torch.no_grad()
 def load_full_state_dict(module: nn.Module, state: Dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy full tensors into ``module``'s parameters; under ZeRO-3 one parameter at a time is
-    gathered, written on rank 0 and re-partitioned (every rank must call it; rank 0's ``state`` wins)."""
+    """Copy full tensors into ``module``'s parameters (each TP rank takes its shard of a
+    tensor-parallel layer's); under ZeRO-3 one parameter at a time is gathered, written on rank 0 of
+    its partition group and re-partitioned (every rank must call it; that rank's ``state`` wins)."""
+    from megadistill.parallel.parallelize import shard_tensor_parallel
+
     named = dict(module.named_parameters())
     missing, unexpected = sorted(set(named) - set(state)), sorted(set(state) - set(named))
     if strict and (missing or unexpected):
         raise KeyError(f"state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    state = shard_tensor_parallel(module, state)
     for name, p in named.items():
         if name not in state:
             continue

@@ -11,7 +11,19 @@ loss that backpropagates through it (SiD's generator loss goes through the criti
 gradients in its optimizer. Logged values are averaged over micro-batches and then over ranks.
 
 Seeds: rank 0's seed is broadcast, then python/numpy/torch and the named generators are seeded with
-seed + rank. Checkpoints every ``save_every`` steps, at the last step, and when SIGTERM / SIGUSR1
+seed + rank.
+
+Parallel mesh (``mesh``: a ``parallel.mesh.ParallelMesh``; the method's models already parallelized
+with ``parallel.parallelize.parallelize_wan``): the ranks of one tp x sp group work on ONE sample, so
+"rank" above means the data-parallel coordinate: seeds are derived from ``mesh.seed_rank`` (dp rank),
+the DeepSpeed batch counts dp replicas (train_batch_size = micro x accum x dp), and the engines get
+the mesh as mpu (engines.py). Every SP rank computes the full loss (Ulysses gathers the sequence
+before the head); each rank backpropagates it scaled by ``engines.sequence_parallel_loss_scale`` (1
+under ZeRO-3, which averages over dp x sp; 1 / sp under stages 0-2, which sum over sp), so the update
+is exactly the single-process one on the dp replicas' samples. Logged values
+are averaged over all ranks: they are identical within a tp x sp group, so this is the mean over dp.
+
+Checkpoints every ``save_every`` steps, at the last step, and when SIGTERM / SIGUSR1
 arrives on any rank (SLURM preemption): the current step is finished, everything is saved, and
 ``train`` returns. A new run in the same checkpoint dir resumes from the latest complete checkpoint and
 continues the loss trajectory bit-for-bit on CPU.
@@ -39,14 +51,16 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, load_ds_config
 from .data_source import DataSource
 from .ema import ShardedEMA
-from .engines import Engines, begin_micro_batch, build_engines, init_distributed, set_requires_grad
+from .engines import (Engines, begin_micro_batch, build_engines, init_distributed, method_modules,
+                      sequence_parallel_loss_scale, set_requires_grad)
 from .rng import broadcast_seed, capture_rng_state, restore_rng_state, seed_everything
 from .train_log import TrainLogger
 
 logger = logging.getLogger(__name__)
 
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-TRAINER_STATE_KEYS = frozenset({"step", "world_size", "zero_stage", "engines", "seed", "ema_started"})
+TRAINER_STATE_KEYS = frozenset({"step", "world_size", "zero_stage", "engines", "seed", "ema_started", "parallel",
+                                "tensor_parallel"})
 Callback = Callable[["Trainer", Dict[str, float]], None]
 SampleFn = Callable[["Trainer"], Mapping[str, torch.Tensor]]
 
@@ -112,6 +126,14 @@ def _float(value: Any) -> float:
     return float(value.detach()) if torch.is_tensor(value) else float(value)
 
 
+def tensor_parallel_partitions(module: torch.nn.Module) -> Dict[str, List[int]]:
+    """name -> [dim, chunks] of every TP-sharded parameter of ``module`` (parallel/tensor_parallel.py's
+    layout: concatenating the TP ranks' shards along ``dim``, per chunk, gives the full tensor)."""
+    from megadistill.parallel.parallelize import tensor_parallel_layout
+
+    return {name: [dim, chunks] for name, (_, dim, chunks) in tensor_parallel_layout(module).items()}
+
+
 class Trainer:
     """Builds engines for ``method`` and trains it; see the module docstring.
 
@@ -137,8 +159,10 @@ class Trainer:
         log_dir: Optional[str] = None,
         sample_fn: Optional[SampleFn] = None,
         metadata: Optional[Mapping[str, Any]] = None,
+        mesh: Optional[Any] = None,
     ):
         self.method, self.data, self.train_cfg = method, data, train
+        self.mesh = mesh
         self.checkpoint_dir = checkpoint_dir
         self.generators = dict(generators or {})
         self.shared_generators = dict(shared_generators or {})
@@ -154,15 +178,25 @@ class Trainer:
         if clash:
             raise ValueError(f"metadata keys {clash} are reserved for the trainer state")
         self.dist = init_distributed()
+        if mesh is not None and mesh.cfg > 1:
+            raise ValueError("parallel.cfg > 1 is not implemented yet in the trainer")
         # Everything that can be wrong with the configs fails here, before any engine exists.
-        ds = load_ds_config(ds_config, train, self.dist.world_size)
+        ds = load_ds_config(ds_config, train, self.dp_size)
+        # What each rank backpropagates per unit of loss (ZeRO's weighting of the SP ranks, see engines.py).
+        self.loss_scale = sequence_parallel_loss_scale(ds, self.parallel_sizes["sp"])
+        if train.ema.enabled and self.parallel_sizes["tp"] > 1:
+            raise ValueError("train.ema with parallel.tp > 1 needs ShardedEMA over the mesh's sequence_data group "
+                             "(engine/ema.py takes no process group yet): set train.ema.decay=0 or parallel.tp=1")
         self.resume_path = self._resume_path(checkpoint_dir, train)
         self.seed = broadcast_seed(train.seed)
-        seed_everything(self.seed, self.dist.rank, self.generators, self.shared_generators)
-        self.engines: Engines = build_engines(method, ds, train.generator_optim, train.critic_optim, self.dist.device)
+        seed_everything(self.seed, self.seed_rank, self.generators, self.shared_generators)
+        self.engines: Engines = build_engines(method, ds, train.generator_optim, train.critic_optim, self.dist.device,
+                                              mesh)
         self.ema: Optional[ShardedEMA] = None
         if train.ema.enabled:
             named = [(n, p) for n, p in method.generator.named_parameters() if p.requires_grad]
+            # ZeRO-3 partitions each parameter over the sequence_data group, which is the whole world
+            # for tp = 1: the EMA's default-group shards match it.
             self.ema = ShardedEMA(named, train.ema.decay, train.ema.start_step, self.dist.rank, self.dist.world_size)
         self.step = 0  # completed steps
         self.resumed_from: Optional[str] = None
@@ -184,15 +218,36 @@ class Trainer:
                 return None
         else:
             return None
-        saved_world = ckpt.read_trainer_state(path)["world_size"]
+        saved = ckpt.read_trainer_state(path)
+        saved_world = saved["world_size"]
         if saved_world != self.dist.world_size:
             raise ValueError(f"checkpoint {path} was written by {saved_world} ranks, this run has "
                              f"{self.dist.world_size}; resume with the same world size")
+        layout = saved.get("parallel", {"tp": 1, "sp": 1, "cfg": 1, "dp": saved_world})
+        if layout != self.parallel_sizes:
+            raise ValueError(f"checkpoint {path} was written with parallel layout {layout}, this run has "
+                             f"{self.parallel_sizes}; resume with the same parallel sizes")
         return path
 
     @property
     def rank(self) -> int:
         return self.dist.rank
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas (ranks that see different samples): the world without a mesh."""
+        return self.mesh.dp if self.mesh is not None else self.dist.world_size
+
+    @property
+    def seed_rank(self) -> int:
+        """The rank per-rank streams are derived from: the dp coordinate, shared by a tp x sp group."""
+        return self.mesh.seed_rank if self.mesh is not None else self.dist.rank
+
+    @property
+    def parallel_sizes(self) -> Dict[str, int]:
+        if self.mesh is None:
+            return {"tp": 1, "sp": 1, "cfg": 1, "dp": self.dist.world_size}
+        return dict(self.mesh.sizes)
 
     # ------------------------------------------------------------------ one model update
     def _update(self, role: str) -> Dict[str, float]:
@@ -208,7 +263,7 @@ class Trainer:
             for micro in range(self.train_cfg.grad_accum):
                 begin_micro_batch(engine)
                 loss, logs = loss_fn(self.data.next_batch(), self.step)
-                engine.backward(loss)
+                engine.backward(loss * self.loss_scale if self.loss_scale != 1.0 else loss)
                 if micro == self.train_cfg.grad_accum - 1 and engine.zero_optimization_stage() == 0:
                     plain_norm = _grad_norm(engine.module)  # DeepSpeed records none without ZeRO
                 engine.step()
@@ -272,7 +327,7 @@ class Trainer:
     def _train_logger(self) -> TrainLogger:
         cfg = self.train_cfg
         return TrainLogger(
-            cfg.max_steps, cfg.micro_batch_size * cfg.grad_accum * self.dist.world_size, self.rank, self.log_dir,
+            cfg.max_steps, cfg.micro_batch_size * cfg.grad_accum * self.dp_size, self.rank, self.log_dir,
             initial_step=self.step, log_every=cfg.log_every, tensorboard=cfg.tensorboard,
             progress_bar=cfg.progress_bar,
         )
@@ -292,8 +347,12 @@ class Trainer:
         state = {
             "step": self.step, "world_size": self.dist.world_size, "zero_stage": self.engines.zero_stage,
             "engines": sorted(self.engines.trained()), "seed": self.seed,
-            "ema_started": bool(self.ema is not None and self.ema.started),
+            "ema_started": bool(self.ema is not None and self.ema.started), "parallel": self.parallel_sizes,
         }
+        if self.parallel_sizes["tp"] > 1:  # what a merge needs to unshard the per-TP-rank files
+            state["tensor_parallel"] = {role: tensor_parallel_partitions(module)
+                                        for role, module in method_modules(self.method).items()
+                                        if role in self.engines.trained()}
         return {**self.metadata, **state}
 
     def rank_state(self) -> Dict[str, Any]:

@@ -13,6 +13,11 @@ teacher forcing) on real clean latents (the clean ends of ``wan.data.ode_pairs``
 videos), which uses neither teacher nor critic (the teacher still provides the initial weights and
 the demo evaluation).
 
+Parallelism (``parallel: {tp, sp}``): every rank loads the full models, then ``parallelize_wan`` splits
+generator, critic and teacher over the mesh (tensor parallel, then Ulysses sequence parallel); the
+trainer partitions them with ZeRO over the mesh's sequence_data group. All ranks of one tp x sp group
+work on one sample: the data stream and every per-rank random stream are seeded from the dp rank.
+
 Evaluation (demo teacher): before training, on rank 0, the teacher's ``teacher_steps``-step samples
 (the reference), a second reference set from other noise (the floor of the distance) and the
 undistilled teacher at the student's step count; after training the student's samples (EMA weights
@@ -36,13 +41,14 @@ from torch import nn
 
 from megadistill.engine.data_source import SeededBatchSource
 from megadistill.engine.engines import full_state_dict, init_distributed, load_full_state_dict
-from megadistill.engine.rng import derive_seed
 from megadistill.engine.trainer import Trainer
 from megadistill.config import to_dict
 from megadistill.experiment import DEMO, ExperimentConfig, WanJobConfig, WanModelConfig
 from megadistill.methods import get_method
 from megadistill.methods.base import DistillBatch
 from megadistill.models.wan import build_wan, load_wan_checkpoint
+from megadistill.parallel.mesh import ParallelMesh
+from megadistill.parallel.parallelize import check_parallel_sizes, parallelize_wan, tensor_parallel_layout
 from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
 
 log = logging.getLogger("megadistill.wan_job")
@@ -309,9 +315,9 @@ def sampler(job: WanJobConfig, method, prompts: PromptSet):
     def sample(trainer: Trainer) -> Dict[str, torch.Tensor]:
         nonlocal plain
         weights = full_state_dict(method.generator)
-        if plain is None:
-            plain = copy.deepcopy(method.generator.net) if not _partitioned(method.generator) else \
-                build_wan(method.generator.net.config)
+        if plain is None:  # a plain single-process copy: ZeRO-3 partitions and TP / SP layers are not copied
+            plain = build_wan(method.generator.net.config) if _partitioned(method.generator) or \
+                _parallelized(method.generator.net) else copy.deepcopy(method.generator.net)
         load_full_state_dict(WanDenoiser(plain), weights)
         video = generate(job, WanDenoiser(plain.eval()), prompts.condition(idx), noise,
                          torch.Generator().manual_seed(job.eval.seed + 1))
@@ -322,6 +328,14 @@ def sampler(job: WanJobConfig, method, prompts: PromptSet):
 
 def _partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _parallelized(net: nn.Module) -> bool:
+    """True when tensor or sequence parallelism was applied to a WanModel / WanMoE."""
+    from megadistill.parallel.sequence_parallel import UlyssesTokenLayout
+
+    return bool(tensor_parallel_layout(net)) or \
+        any(isinstance(getattr(m, "token_layout", None), UlyssesTokenLayout) for m in net.modules())
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -440,6 +454,67 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if job.eval.enabled and job.teacher.preset != DEMO:
         raise ValueError("wan.eval: the end-of-run video distance is defined for the demo teacher; "
                          "set wan.eval.enabled=false")
+    check_parallel(cfg)
+
+
+def model_heads(cfg: ExperimentConfig) -> Dict[str, int]:
+    """'wan.<role> (<preset>)' -> attention heads of every network the job builds (generator and critic
+    without a preset of their own have the teacher's architecture); reads configs only."""
+    from megadistill.models.wan.config import wan_config
+
+    job = cfg.wan
+
+    def heads(m: WanModelConfig) -> int:
+        if m.preset == DEMO:
+            from megadistill.demo.teacher import DEFAULT_WEIGHTS, DemoSettings, settings_path
+
+            settings = DemoSettings.from_dict(json.loads(settings_path(m.checkpoint or DEFAULT_WEIGHTS).read_text()))
+            return settings.model.replace(**m.overrides).num_heads
+        return wan_config(m.preset, **m.overrides).num_heads
+
+    out = {f"wan.teacher ({job.teacher.preset})": heads(job.teacher)}
+    roles = ["generator"] + (["critic"] if cfg.method.name in CRITIC_METHODS else [])
+    for role in roles:
+        m: WanModelConfig = getattr(job, role)
+        if m.preset and m.preset != DEMO:
+            out[f"wan.{role} ({m.preset})"] = heads(m)
+    return out
+
+
+def check_parallel(cfg: ExperimentConfig) -> int:
+    """``parallel`` against the launcher's world size (WORLD_SIZE, 1 under plain python) and every
+    model's heads, before any process group exists; returns dp."""
+    p = cfg.parallel
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = check_parallel_sizes(p, world_size, model_heads(cfg) if p.tp * p.sp > 1 else {})
+    if p.sp > 1 and cfg.method.name == "gan":
+        raise ValueError("method gan with parallel.sp > 1 is not supported yet: the discriminator's register heads "
+                         "read block hidden states, which sequence parallelism shards by token; use parallel.tp")
+    if p.tp > 1 and cfg.train.ema.enabled:
+        raise ValueError("train.ema with parallel.tp > 1 is not supported yet (the sharded EMA does not know the "
+                         "mesh's sequence_data group): set train.ema.decay=0 or parallel.tp=1")
+    resume = _resume_checkpoint(cfg)
+    if resume is not None:
+        from megadistill.engine import checkpoint as ckpt
+
+        sizes = {"tp": p.tp, "sp": p.sp, "cfg": p.cfg, "dp": dp}
+        saved = ckpt.read_trainer_state(resume)
+        layout = saved.get("parallel", {"tp": 1, "sp": 1, "cfg": 1, "dp": saved["world_size"]})
+        if layout != sizes:
+            raise ValueError(f"checkpoint {resume} was written with parallel sizes {layout}, this run has {sizes}: "
+                             "resume with the same parallel sizes (or set train.resume=false / another run.output_dir)")
+    return dp
+
+
+def _resume_checkpoint(cfg: ExperimentConfig) -> Optional[str]:
+    """The checkpoint the trainer will resume from, if any (as Trainer._resume_path finds it)."""
+    from megadistill.engine import checkpoint as ckpt
+
+    if cfg.train.resume_from:
+        return cfg.train.resume_from if ckpt.is_complete(cfg.train.resume_from) else None
+    if cfg.train.resume:
+        return ckpt.find_latest(os.path.join(cfg.run.output_dir, "checkpoints"))
+    return None
 
 
 def run(cfg: ExperimentConfig, ds: dict) -> int:
@@ -447,6 +522,7 @@ def run(cfg: ExperimentConfig, ds: dict) -> int:
     start = time.perf_counter()
     info = init_distributed()
     rank = info.rank
+    mesh = ParallelMesh(cfg.parallel)
     prompts = encode_prompts(job)  # first: a umT5-XXL encoder is freed before the DiTs load
     teacher, settings = load_teacher(job.teacher)
     generator = derive_model(job.generator, teacher, **generator_mode(job))
@@ -457,23 +533,30 @@ def run(cfg: ExperimentConfig, ds: dict) -> int:
         log.info(f"evaluation reference ready: undistilled teacher {len(job.rollout.steps.steps)}-step distance "
                  f"{ev.teacher['feature']:.4f}, floor {ev.floor['feature']:.4f}")
 
-    rng, rollout_rng = torch.Generator(), torch.Generator()
-    method = build_method(cfg, generator, teacher, critic, build_rollout(job, rollout_rng, rng), rng)
-    del teacher  # the method holds it if it uses it (DMD / SiD); otherwise it is freed here
     student = copy.deepcopy(generator) if rank == 0 else None  # plain copy to evaluate in
     if ev is not None:  # what training starts from: the measure of what distillation changed
         from megadistill.demo.evaluation import compare
 
         ev.initial = compare(student_samples(job, ev, student), ev.reference, ev.prompts)
         log.info(f"generator before training: {len(job.rollout.steps.steps)}-step distance {ev.initial['feature']:.4f}")
-    data = SeededBatchSource(make_batches(cfg, prompts), derive_seed(cfg.train.seed, rank, "data"))
+    # Rank 0's single-process evaluation above ran on the plain models; from here on they are split.
+    for net in (teacher, generator, critic):
+        if net is not None:
+            parallelize_wan(net, mesh)
+    rng, rollout_rng = torch.Generator(), torch.Generator()
+    method = build_method(cfg, generator, teacher, critic, build_rollout(job, rollout_rng, rng), rng)
+    del teacher  # the method holds it if it uses it (DMD / SiD); otherwise it is freed here
+    # One sample stream per tp x sp group: seeded from the dp coordinate (mesh.rank_seed).
+    data = SeededBatchSource(make_batches(cfg, prompts), mesh.rank_seed(cfg.train.seed, "data"))
     models = {"generator": generator, "critic": critic}
     metadata = {"config": to_dict(cfg), "model_configs": {
         role: dataclasses.asdict(m.config) for role, m in models.items() if m is not None}}
+    # The launcher validated the global batch against the world size; the trainer counts dp replicas.
+    ds = {**ds, "train_batch_size": "auto"}
     trainer = Trainer(method, data, cfg.train, ds, os.path.join(cfg.run.output_dir, "checkpoints"),
                       generators={"method": rng}, shared_generators={"rollout": rollout_rng},
                       log_dir=os.path.join(cfg.run.output_dir, "logs"), metadata=metadata,
-                      sample_fn=sampler(job, method, prompts) if settings is not None else None)
+                      sample_fn=sampler(job, method, prompts) if settings is not None else None, mesh=mesh)
     trainer.train()
     if trainer.step < cfg.train.max_steps:  # preempted: the checkpoint is saved, the grace period is short
         return 0

@@ -18,12 +18,14 @@ runtime/config.py, utils/groups.py) uses the mpu as follows, which fixes what ea
 
 - ZeRO sharding and gradient reduction: ``engine.seq_data_parallel_group`` =
   ``mpu.get_sequence_data_parallel_group()`` is the optimizer's ``dp_process_group`` (stages 1-3) and
-  the partition group of every parameter (``_resolve_zero3_param_placement``). Stage 3 averages the
-  reduced gradients by ``world(sequence_data) / sp`` = dp x cfg: SP ranks' partial gradients are SUMMED
-  and data replicas AVERAGED (cfg ranks hold identical gradients, so averaging them changes nothing).
-  So the SP ranks' gradients must add up to the sample's gradient: where every SP rank computes the
-  full loss (``sequence_parallel.py``: the head runs on the gathered sequence, and the SP group's
-  gradients sum to sp x the single-process one), each rank backpropagates loss / sp.
+  the partition group of every parameter (``_resolve_zero3_param_placement``). How the SP ranks'
+  partial gradients are weighed depends on the path: ZeRO-3 with ``reduce_scatter`` (the default)
+  AVERAGES over the whole sequence_data group, stages 0-2 SUM over SP and average over dp x cfg (cfg
+  ranks hold identical gradients). Where every SP rank computes the full loss
+  (``sequence_parallel.py``: the head runs on the gathered sequence, and the SP group's gradients sum
+  to sp x the single-process one), the loss scale that gives the dp mean is therefore 1 under ZeRO-3
+  and 1 / sp under stages 0-2: ``engine.engines.sequence_parallel_loss_scale`` (measured in
+  tests/parallel/test_parallel_training.py, with a gradient-scale-sensitive optimizer).
 - ``get_data_parallel_world_size()`` is DeepSpeedConfig's ``world_size`` (train_batch_size =
   micro_batch x grad_accum x it) and the data sampler's replica count: it must count the replicas that
   see DIFFERENT samples, i.e. dp alone (one sample per tp x sp x cfg group). So the data_parallel

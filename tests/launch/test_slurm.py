@@ -365,7 +365,7 @@ def test_real_trainer_preempted_requeued_and_resumed(fake, tmp_path):
     bin_dir = Path(env["PATH"].split(os.pathsep)[0])
     (bin_dir / "torchrun").unlink()  # the real one
     env.update(FAKE_HOSTS="localhost", GPUS_PER_NODE="1", DS_CONFIG="configs/zero2.json",
-               MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
+               CONFIG="configs/toylab_dmd.yaml", MASTER_PORT=str(free_port()), PYTHONPATH=str(ROOT))
     args = [f"run.output_dir={out}", *E2E_ARGS]
     ckpts = out / "checkpoints"
 

@@ -136,7 +136,8 @@ def _tiny_real_setup(tmp_path):
             "wan.teacher.overrides={text_len: 16}", f"wan.data.prompts={tmp_path / 'prompts.txt'}",
             f"wan.data.text_encoder={tmp_path / 'umt5'}", "wan.latent_shape=[16, 3, 4, 4]",
             "wan.rollout.num_frame_per_block=1", "wan.rollout.self_forcing.num_training_frames=3",
-            "wan.eval.enabled=false", "wan.discriminator_layers=[0, 1]", "method.dmd.timestep_shift=1.0"]
+            "wan.eval.enabled=false", "wan.discriminator_layers=[0, 1]", "method.dmd.timestep_shift=1.0",
+            "wan.generator.checkpoint=''"]  # the teacher's weights, not the demo's causal init
 
 
 def test_real_checkpoint_and_umt5_path(tmp_path):

@@ -158,8 +158,10 @@ def test_deepspeed_zero3_shards_and_reduces_over_sequence_data(results, layout):
         assert res["local_numel"] * len(group) == res["full_numel"]  # partitioned over sequence_data
         assert res["train_batch_size"] == dp and res["dp_world_size"] == dp  # batch counts samples: dp only
         assert res["mp_world_size"] == tp and res["sequence_parallel_size"] == sp
-        # SGD(lr=1) update = sum of the group's gradients over SP, averaged over the data (x cfg) replicas,
-        # clipped to norm 1 (DeepSpeed's default gradient_clipping). The norm is reduced over the
+        # SGD(lr=1) update = the group's gradients combined over SP and the data (x cfg) replicas, clipped
+        # to norm 1 (DeepSpeed's default gradient_clipping). The clipped step does not see a uniform
+        # scale of the gradient, so it checks the groups, not how SP ranks are weighed (sum or mean:
+        # that is measured in test_parallel_training.py). The norm is reduced over the
         # model-parallel (TP) group counting parameters without ``tensor_model_parallel`` on TP rank 0
         # only: it is the norm of TP rank 0's replica (TP keeps replicated gradients identical).
         grads = _averaged_grads(res["before"], group, sp)

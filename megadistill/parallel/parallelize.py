@@ -1,0 +1,89 @@
+"""Apply the mesh to Wan models, and move their weights between the full and the tensor-parallel form.
+
+``parallelize_wan(model, mesh)`` is the one place that reads the mesh and rewires a WanModel / WanMoE
+(generator, critic and teacher alike): Megatron tensor parallelism over ``mesh.tp_group`` first, which
+leaves each rank num_heads / tp heads, then Ulysses sequence parallelism over ``mesh.sp_group``, which
+splits those heads again around self-attention. Degree-1 dimensions change nothing.
+
+The trainer exchanges FULL weights with the outside world (checkpoint export, sampling, EMA export,
+loading a full state dict): ``gather_tensor_parallel`` rebuilds full tensors from this rank's TP
+shards (a collective over each sharded layer's TP group) and ``shard_tensor_parallel`` takes this
+rank's shard of full tensors. Both work on ``{name: tensor}`` dicts named like
+``module.named_parameters()``, so they compose with ZeRO-3's gather (engines.full_state_dict).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .mesh import ParallelConfig, ParallelMesh
+from .sequence_parallel import apply_sequence_parallel
+from .tensor_parallel import apply_tensor_parallel, group_size, shard, sharded_parameters, unshard
+
+
+def parallelize_wan(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
+    """Tensor then sequence parallelism of ``mesh`` on a WanModel / WanMoE, in place; returns it.
+
+    Load the full weights first (each TP rank keeps its shard of them). Under ZeRO-3 the parallelized
+    module is partitioned afterwards over ``mesh.sequence_data_group`` (engines.build_engines).
+    """
+    apply_tensor_parallel(model, mesh.tp_group)  # no-op for tp = 1
+    apply_sequence_parallel(model, mesh.sp_group)  # no-op for sp = 1; splits the tp-local heads
+    return model
+
+
+def check_parallel_sizes(parallel: ParallelConfig, world_size: int, heads: Mapping[str, int]) -> int:
+    """Validate ``parallel`` against the world size and every model's head count before anything is
+    built (``heads``: a model's name in messages -> its num_heads); returns dp. ValueError otherwise."""
+    if parallel.cfg > 1:
+        raise ValueError("parallel.cfg > 1 (the conditional and unconditional teacher passes on two groups) is "
+                         "not implemented yet in the trainer: set parallel.cfg=1")
+    for model, num_heads in heads.items():
+        parallel.check(world_size, num_heads, model=model)
+    return parallel.check(world_size)
+
+
+def tensor_parallel_layout(module: nn.Module) -> Dict[str, Tuple[Any, int, int]]:
+    """name -> (tp group, dim, chunks) of every TP-sharded parameter of ``module`` (names as in
+    ``module.named_parameters()``); empty for a module without tensor parallelism."""
+    out = {}
+    for name, (_, dim, chunks) in sharded_parameters(module).items():
+        layer = module.get_submodule(name.rpartition(".")[0])  # the parallel layer holds its TP group
+        if group_size(layer.group) > 1:
+            out[name] = (layer.group, dim, chunks)
+    return out
+
+
+@torch.no_grad()
+def gather_tensor_parallel(module: nn.Module, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``tensors`` (this rank's local values of ``module``'s parameters, e.g. the ZeRO-gathered TP
+    shards or EMA values) with every TP-sharded entry replaced by the full tensor. Collective over
+    the TP groups: every rank calls it with the same names, in the same order."""
+    layout = tensor_parallel_layout(module)
+    out = dict(tensors)
+    for name, (group, dim, chunks) in layout.items():
+        if name not in tensors:
+            continue
+        local = tensors[name].contiguous()
+        parts = [torch.empty_like(local) for _ in range(group_size(group))]
+        dist.all_gather(parts, local, group=group)
+        out[name] = unshard(parts, dim, chunks)
+    return out
+
+
+def shard_tensor_parallel(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Full tensors (``module.named_parameters()`` names) cut to this rank's TP shards; no communication."""
+    layout = tensor_parallel_layout(module)
+    out = dict(tensors)
+    for name, (group, dim, chunks) in layout.items():
+        if name in tensors:
+            out[name] = shard(tensors[name], dim, dist.get_rank(group), group_size(group), chunks)
+    return out
+
+
+def uses_model_parallel(mesh: Optional[ParallelMesh]) -> bool:
+    """True when ``mesh`` splits a sample across ranks (tp or sp > 1): DeepSpeed then needs it as mpu."""
+    return mesh is not None and (mesh.tp > 1 or mesh.sp > 1)

@@ -1,0 +1,178 @@
+"""The trainer on a parallel mesh reproduces a one-process run, and bad parallel sizes stop the CLI.
+
+Distributed (train_sp_worker.py, gloo on CPU, fp32): tiny Wan DMD (teacher + generator + critic,
+bidirectional rollout) through the real Trainer for 3 steps on
+- 4 ranks with ZeRO-3 and sp = 2 (dp = 2), then, in the same process group, ZeRO-3 and tp = 2 (dp = 2)
+  and ZeRO-2 and sp = 2 (DeepSpeed weighs the SP ranks differently under stages 0-2),
+- 1 process accumulating the same 2 samples per update (grad_accum = 2; the samples are defined by
+  their global index, see the worker), with no mesh splitting anything, under ZeRO-3 and ZeRO-2.
+Every logged value of every step (losses, DeepSpeed's gradient norms) and the final, unsharded
+generator, critic and EMA must agree. The optimizer is scale-sensitive (AdamW with eps = 1), so a
+wrong weighting of the SP ranks' gradients (a factor sp) changes the weights and the later losses.
+
+CLI: sizes that do not fit the world size or the models' heads, tp > 1 for the toy-lab job, and the
+combinations not implemented yet (cfg > 1, tp > 1 with the sharded EMA, the GAN critic's features
+under sp > 1) exit with code 2 before anything is written.
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+_spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
+ranks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ranks)
+
+# ZeRO-3 averages the SP ranks' gradients, stages 0-2 sum them (engines.sequence_parallel_loss_scale): both.
+RUNS = {"sp2": {"tp": 1, "sp": 2, "ema": True}, "tp2": {"tp": 2, "sp": 1, "ema": False},
+        "sp2_zero2": {"tp": 1, "sp": 2, "ema": False, "stage": 2}}
+
+
+def _launch(tmp: Path, name: str, world: int, grad_accum: int, runs) -> list:
+    spec = {"results": str(tmp / f"{name}.pt"), "grad_accum": grad_accum, "runs": runs}
+    (tmp / f"{name}.json").write_text(json.dumps(spec))
+    logs = tmp / f"logs_{name}"
+    logs.mkdir()
+    ranks.launch(HERE / "train_sp_worker.py", [str(tmp / f"{name}.json")], world_size=world, log_dir=logs,
+                 timeout_s=240)
+    return torch.load(spec["results"], weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parallel_training")
+    reference = _launch(tmp, "reference", 1, 2, [{"ema": True}, {"ema": False, "stage": 2}])
+    parallel = _launch(tmp, "parallel", 4, 1, list(RUNS.values()))
+    return {"reference": reference[0], "reference_zero2": reference[1], **dict(zip(RUNS, parallel))}
+
+
+def _reference(results, run):
+    return results["reference_zero2" if RUNS[run].get("stage") == 2 else "reference"]
+
+
+def _initial_generator():
+    sys.path.insert(0, str(HERE))
+    try:
+        from train_sp_worker import tiny_wan
+    finally:
+        sys.path.remove(str(HERE))
+    return {f"net.{k}": v for k, v in tiny_wan(num_heads=4).state_dict().items()}
+
+
+@pytest.mark.parametrize("run", ["sp2", "tp2"])
+def test_layout_and_zero3_partitioning(results, run):
+    res = results[run]
+    expected = {"sp2": {"tp": 1, "sp": 2, "cfg": 1, "dp": 2}, "tp2": {"tp": 2, "sp": 1, "cfg": 1, "dp": 2}}[run]
+    assert res["sizes"] == expected
+    assert res["zero3"]
+    full = sum(v.numel() for v in res["generator"].values())
+    # The TP shard holds every replicated parameter and 1/tp of the sharded ones; ZeRO-3 splits it over
+    # the sequence_data group (dp x sp = 4 ranks for sp = 2, 2 for tp = 2), padding each tensor.
+    tp_numel, group = res["tp_numel"], 4 // expected["tp"]
+    assert (tp_numel == full) if expected["tp"] == 1 else (0.5 * full < tp_numel < 0.9 * full)
+    assert tp_numel <= res["local_numel"] * group < tp_numel + group * res["num_params"]
+    ref = results["reference"]
+    assert ref["sizes"] == {"tp": 1, "sp": 1, "cfg": 1, "dp": 1} and ref["local_numel"] == full
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_per_step_logs_match_one_process(results, run):
+    ours, ref = results[run]["history"], _reference(results, run)["history"]
+    assert len(ours) == len(ref) == 3
+    assert [h["generator/exit_index"] for h in ref] == [0.0, 2.0, 1.0]  # every rollout depth is exercised
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        assert a.keys() == b.keys()
+        for key in b:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (step, key, a[key], b[key])
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_final_weights_match_one_process(results, run):
+    ours, ref = results[run], _reference(results, run)
+    initial = _initial_generator()
+    moved = max((ref["generator"][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 5e-3  # 2500 x the tolerance below: the comparison is not between nearly initial weights
+    roles = ("generator", "critic", "ema") if ours["ema"] is not None else ("generator", "critic")
+    for role in roles:
+        assert ours[role].keys() == ref[role].keys(), role
+        for name, w in ref[role].items():
+            torch.testing.assert_close(ours[role][name], w, rtol=1e-4, atol=2e-6, msg=lambda m: f"{role}.{name}: {m}")
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_full_weights_load_into_the_split_model(results, run):
+    res = results[run]
+    assert res["critic_reloaded"].keys() == res["generator"].keys()
+    for name, w in res["generator"].items():
+        assert torch.equal(res["critic_reloaded"][name], w), name
+    assert any(not torch.equal(res["critic"][k], w) for k, w in res["generator"].items())  # a real change
+
+
+def test_trainer_seeds_per_rank_streams_from_the_dp_coordinate(results):
+    for run in RUNS:
+        res = results[run]
+        seeded, coords = res["seeded"], res["coords"]
+        for r in range(4):
+            for q in range(4):
+                same_dp = coords[r]["dp"] == coords[q]["dp"]
+                assert torch.equal(seeded[r], seeded[q]) == same_dp, (run, r, q)
+
+
+# ---- bad sizes through launch/train.py -----------------------------------------------------------
+
+def _cli():
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("world,overrides,config,expected", [
+    (4, ["parallel.sp=8"], "demo_dmd.yaml",
+     ["wan.teacher (demo) has 4 heads: tp x sp must be one of 1, 2, 4, got tp=1 x sp=8 = 8"]),
+    (3, ["parallel.sp=2"], "demo_dmd.yaml", ["does not divide the world size 3"]),
+    (4, ["parallel.tp=2", "train.ema.decay=0.9"], "demo_dmd.yaml", ["train.ema with parallel.tp > 1"]),
+    (2, ["parallel.cfg=2"], "demo_dmd.yaml", ["parallel.cfg > 1", "not implemented yet"]),
+    (2, ["parallel.sp=2", "method.name=gan"], "demo_dmd.yaml", ["method gan with parallel.sp > 1"]),
+    (2, ["parallel.tp=2"], "toylab_dmd.yaml", ["parallel: job 'toylab' runs data parallel only"]),
+    (2, ["parallel.sp=3"], "demo_dmd.yaml", ["has 4 heads", "tp=1 x sp=3"]),
+])
+def test_bad_parallel_sizes_exit_2_before_anything_is_written(world, overrides, config, expected, tmp_path,
+                                                               monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    out = tmp_path / "never"
+    code = _cli().main(["--config", str(ROOT / "configs" / config), "--ds_config", str(ROOT / "configs" / "zero3.json"),
+                        f"run.output_dir={out}", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for text in expected:
+        assert text in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("saved", [None, {"tp": 1, "sp": 2, "cfg": 1, "dp": 1}])
+def test_resume_with_other_parallel_sizes_exits_2(saved, tmp_path, monkeypatch, capsys):
+    """A checkpoint written by 2 ranks with sp = 2 (or by an earlier version: no sizes recorded, so data
+    parallel) is not resumed with tp = 2 on 2 ranks: the ZeRO partitions would not fit."""
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step_000000004"
+    step.mkdir(parents=True)
+    state = {"step": 4, "world_size": 2, "zero_stage": 3, **({"parallel": saved} if saved else {})}
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    (step / "COMPLETE").write_text("")
+    (out / "checkpoints" / "latest").write_text(step.name)
+    before = sorted(p.name for p in out.rglob("*"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = _cli().main(["--config", str(ROOT / "configs" / "demo_dmd.yaml"), "--ds_config",
+                        str(ROOT / "configs" / "zero3.json"), f"run.output_dir={out}", "parallel.tp=2",
+                        "train.ema.decay=0"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    written = saved or {"tp": 1, "sp": 1, "cfg": 1, "dp": 2}
+    assert f"written with parallel sizes {written}, this run has {{'tp': 2, 'sp': 1, 'cfg': 1, 'dp': 1}}" in err, err
+    assert sorted(p.name for p in out.rglob("*")) == before
