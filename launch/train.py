@@ -54,16 +54,30 @@ def checkpoint_dir(cfg: ExperimentConfig) -> str:
     return os.path.join(cfg.run.output_dir, CHECKPOINT_SUBDIR)
 
 
+def data_parallel_size(cfg: ExperimentConfig, world_size: int) -> int:
+    """dp, the replicas that see different samples: the world over tp x sp x cfg (one sample per such
+    group). The wan job also checks the sizes against every model's heads and a resumed layout."""
+    try:
+        if cfg.job == "wan":
+            from megadistill.jobs.wan_job import check_parallel
+
+            return check_parallel(cfg)
+        return cfg.parallel.check(world_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_trainer_inputs(cfg: ExperimentConfig, ds_config_path: str) -> dict:
     """Everything the trainer would reject, checked before anything is built or written.
 
-    Returns the validated DeepSpeed config; raises ConfigError naming the file or key.
+    Returns the validated DeepSpeed config, its global batch filled in as micro x accum x dp (what the
+    trainer counts: the ranks of one tp x sp group share a sample); raises ConfigError naming the
+    file or key.
     """
     from megadistill.engine import checkpoint as ckpt
     from megadistill.engine.config import load_ds_config
 
     world_size = launcher_world_size()
-    ds = load_ds_config(ds_config_path, cfg.train, world_size)
     resume = None
     if cfg.train.resume_from:
         resume = cfg.train.resume_from
@@ -79,7 +93,7 @@ def check_trainer_inputs(cfg: ExperimentConfig, ds_config_path: str) -> dict:
         if saved != world_size:
             raise ConfigError(f"checkpoint {resume} was written by {saved} ranks, this run has {world_size}; "
                               "resume with the same world size (or set train.resume=false / another run.output_dir)")
-    return ds
+    return load_ds_config(ds_config_path, cfg.train, data_parallel_size(cfg, world_size))
 
 
 def setup_logging(rank: int) -> None:

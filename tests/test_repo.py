@@ -8,8 +8,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def _quick_start_commands():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", section, flags=re.S)
-    return [line.strip() for b in blocks for line in b.strip().splitlines() if line.strip() and not line.startswith("#")]
+    # Fences are paired in order; shell blocks (```bash, ```sh or bare) hold commands, others (```text:
+    # example output) do not.
+    commands, lang = [], None
+    for line in section.splitlines():
+        fence = re.match(r"^```(\w*)\s*$", line)
+        if fence:
+            lang = fence.group(1) if lang is None else None
+        elif lang in ("", "bash", "sh") and line.strip() and not line.startswith("#"):
+            commands.append(line.strip())
+    return commands
 
 
 def test_readme_quick_start_has_exactly_two_commands():

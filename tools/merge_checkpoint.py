@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Merge a training checkpoint (any ZeRO stage, any world size) into safetensors, on one CPU.
+"""Merge a training checkpoint (any ZeRO stage, world size or tensor-parallel degree) into safetensors, on one CPU.
 
     python tools/merge_checkpoint.py CKPT OUT [--model generator|ema|critic]
         [--format ours|original|diffusers] [--wan-config PRESET_OR_CONFIG_JSON]
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"merged {args.model} of {result.info.path} (step {result.info.step}, ZeRO-{result.info.zero_stage}, "
-          f"{result.info.world_size} rank(s)): {result.tensors} tensors -> {args.fmt} format")
+          f"{result.info.world_size} rank(s), tp={result.info.tp}): {result.tensors} tensors -> {args.fmt} format")
     for path in result.written:
         print(f"  wrote {path}")
     if result.report is not None:

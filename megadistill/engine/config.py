@@ -165,7 +165,8 @@ def _check_zero_section(where: str, zero: Any) -> int:
 
 
 def validate_ds_config(ds: Dict[str, Any], train: TrainConfig, world_size: int, where: str = "ds_config") -> Dict[str, Any]:
-    """Check a DeepSpeed config against ``train`` and the world size; return a filled-in copy.
+    """Check a DeepSpeed config against ``train`` and ``world_size`` (the data-parallel replicas: the world
+    size, or dp under a mesh); return a filled-in copy.
 
     The copy has the batch keys set (micro batch, grad accumulation, global batch) and no
     ``gradient_clipping`` (set per model by ``model_ds_config``).
@@ -187,7 +188,7 @@ def validate_ds_config(ds: Dict[str, Any], train: TrainConfig, world_size: int, 
     _check_derived(where, ds, "gradient_accumulation_steps", accum, "train.grad_accum")
     _check_derived(
         where, ds, "train_batch_size", micro * accum * world_size,
-        f"train.micro_batch_size ({micro}) x train.grad_accum ({accum}) x world size ({world_size})",
+        f"train.micro_batch_size ({micro}) x train.grad_accum ({accum}) x data-parallel replicas ({world_size})",
     )
     bf16 = ds.get("bf16", {})
     if not isinstance(bf16, dict):

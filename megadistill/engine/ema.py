@@ -8,13 +8,22 @@ communication); under stages 0-2, where every rank holds the full weights, the r
 slice of them (with bf16 these are the bf16 weights: stages 1-2 keep their fp32 masters in flat
 buffers cut differently). ``gather`` reassembles full tensors (a collective) for export and tests.
 
+Under a parallel mesh ZeRO partitions each parameter over the mesh's sequence_data group (dp x sp at
+fixed tp), not the world, and a tensor-parallel layer's parameter is already this TP rank's shard:
+``group`` is then that sequence_data group (rank / world_size are the rank's index and the group's
+size) and each TP rank keeps the EMA of its own TP shard. ``gather`` gathers over ``group`` first
+(the TP-local tensors, as ZeRO-3's gather does) and then across the TP group of every sharded layer of
+``tp_module`` (``parallelize.gather_tensor_parallel``), so the export holds full, unsharded tensors.
+The state dict records the TP coordinate (``tp_rank`` of ``tp_size``) beside the group's, which is all
+an offline merge needs to put the shards of every rank file back together (engine/merge.py).
+
 Update rule (Self-Forcing EMA_FSDP): the EMA starts as a copy of the weights at the first step
 >= ``start_step`` and after every generator optimizer step becomes d * ema + (1 - d) * w, in fp32.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,16 +46,38 @@ def _is_zero3(param: nn.Parameter) -> bool:
     return hasattr(param, "ds_id")
 
 
+def _tensor_parallel_coordinate(module: Optional[nn.Module]) -> Tuple[int, int]:
+    """(tp rank, tp size) of ``module``'s tensor-parallel layers; (0, 1) without any."""
+    if module is None:
+        return 0, 1
+    from megadistill.parallel.parallelize import tensor_parallel_layout
+
+    groups = {id(group): group for group, _, _ in tensor_parallel_layout(module).values()}
+    if not groups:
+        return 0, 1
+    if len(groups) > 1:
+        raise ValueError("the EMA's module spans more than one tensor-parallel group")
+    group = next(iter(groups.values()))
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
 class ShardedEMA:
     """EMA of ``named_params`` (trainable generator parameters), this rank's shard of each."""
 
     def __init__(self, named_params: List[Tuple[str, nn.Parameter]], decay: float, start_step: int,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, group: Optional[Any] = None, tp_module: Optional[nn.Module] = None):
+        """``rank`` of ``world_size``: this rank's place in ``group`` (None: the default group), the
+        group ZeRO partitions the parameters over. ``tp_module``: the module ``named_params`` come from
+        (names as its ``named_parameters()``) when it may hold tensor-parallel layers."""
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"EMA rank must be in [0, world_size={world_size}), got {rank}")
         self.named_params = list(named_params)
         self.decay, self.start_step = float(decay), int(start_step)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.tp_module = tp_module
+        self.tp_rank, self.tp_size = _tensor_parallel_coordinate(tp_module)
         self.shards: Optional[Dict[str, torch.Tensor]] = None
 
     @property
@@ -94,14 +125,16 @@ class ShardedEMA:
     def state_dict(self) -> Dict:
         return {
             "decay": self.decay, "start_step": self.start_step, "rank": self.rank, "world_size": self.world_size,
-            "layout": self.layout(), "shards": None if self.shards is None else {k: v.cpu() for k, v in self.shards.items()},
+            "tp_rank": self.tp_rank, "tp_size": self.tp_size, "layout": self.layout(),
+            "shards": None if self.shards is None else {k: v.cpu() for k, v in self.shards.items()},
         }
 
     def load_state_dict(self, state: Dict) -> None:
-        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+        saved = (state["rank"], state["world_size"], state.get("tp_rank", 0), state.get("tp_size", 1))
+        if saved != (self.rank, self.world_size, self.tp_rank, self.tp_size):
             raise ValueError(
-                f"EMA shard was saved by rank {state['rank']} of {state['world_size']}, "
-                f"cannot load into rank {self.rank} of {self.world_size}"
+                f"EMA shard was saved by rank {saved[0]} of {saved[1]} (tp rank {saved[2]} of {saved[3]}), "
+                f"cannot load into rank {self.rank} of {self.world_size} (tp rank {self.tp_rank} of {self.tp_size})"
             )
         if state["layout"] != self.layout():
             raise ValueError("EMA checkpoint parameters differ from the generator's (names or shapes)")
@@ -116,7 +149,7 @@ class ShardedEMA:
 
     @torch.no_grad()
     def gather(self) -> Dict[str, torch.Tensor]:
-        """Full fp32 EMA tensors on every rank (collective over the default group)."""
+        """Full fp32 EMA tensors on every rank (collective over ``group``, then over the TP groups)."""
         if not self.started:
             raise RuntimeError("EMA has not started yet (step < start_step)")
         out = {}
@@ -124,10 +157,14 @@ class ShardedEMA:
             shard = self.shards[name]
             if self.world_size > 1:
                 parts = [torch.empty_like(shard) for _ in range(self.world_size)]
-                dist.all_gather(parts, shard)
+                dist.all_gather(parts, shard, group=self.group)
                 flat = torch.cat(parts)
             else:
                 flat = shard
             numel = self._numel(p)
             out[name] = flat[:numel].reshape(self._shape(p)).clone()
+        if self.tp_size > 1:
+            from megadistill.parallel.parallelize import gather_tensor_parallel
+
+            out = gather_tensor_parallel(self.tp_module, out)
         return out

@@ -8,6 +8,15 @@ states file, and the EMA shards are concatenated in rank order and cut back to e
 (ema.py's layout). The EMA covers the trainable generator parameters; the generator's other tensors
 (frozen parameters, buffers) fill the rest of an EMA state dict.
 
+Tensor parallelism (``parallel.tp`` > 1 in trainer_state.json): DeepSpeed writes one file set per TP
+rank (``*mp_rank_XX_*``), each the ZeRO partitions of that rank's TP shard over the sequence_data group.
+Each TP rank's shard is reconstructed on its own (zero_to_fp32 on that rank's files only), then the
+shards are joined with the partition layout the trainer records (``tensor_parallel``: name -> [dim,
+chunks], parallel/tensor_parallel.py's ``unshard``); parameters outside it are replicated and taken
+from TP rank 0. The EMA likewise: every rank file records its TP rank and its place in the
+sequence_data group; the shards of one TP rank reassemble its TP shard, which is then unsharded. The
+result is the unsharded state dict, the same a tp = 1 run of the same weights gives.
+
 Output formats:
     ours       the network's own state dict (a Denoiser's ``net.`` prefix removed): loads with
                ``model.load_state_dict``; any model, not only Wan.
@@ -27,6 +36,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -63,6 +73,8 @@ class EngineInfo:
     frozen: int
     weight_dtype: str  # dtype of the module weights (bf16 when bf16 is enabled)
     master_dtype: Optional[str]  # fp32 masters in the optimizer partitions (ZeRO 1-3), None at stage 0
+    tp: int = 1  # tensor-parallel degree: one DeepSpeed file set per TP rank
+    tp_partitions: Dict[str, List[int]] = field(default_factory=dict)  # TP-sharded name -> [dim, chunks]
 
 
 @dataclass
@@ -71,6 +83,7 @@ class CheckpointInfo:
     step: int
     world_size: int
     zero_stage: int
+    tp: int
     engines: Dict[str, EngineInfo]
     ema_started: bool
     rank_files: List[str]
@@ -115,7 +128,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
-def read_engine_info(path: str, tag: str) -> EngineInfo:
+def full_shape(shape: Tuple[int, ...], partition: Optional[List[int]], tp: int) -> Tuple[int, ...]:
+    """The unsharded shape of a TP rank's ``shape`` (``partition``: [dim, chunks], None if replicated)."""
+    if partition is None or tp == 1:
+        return tuple(shape)
+    out = list(shape)
+    out[partition[0]] *= tp
+    return tuple(out)
+
+
+def read_engine_info(path: str, tag: str, tp: int = 1, partitions: Optional[Dict[str, List[int]]] = None) -> EngineInfo:
+    """What the engine ``tag`` holds; under tensor parallelism (``tp``, ``partitions``: the trainer's
+    recorded layout) the shapes are the unsharded ones."""
+    partitions = dict(partitions or {})
     states = _load_states(_model_states_file(os.path.join(path, tag)))
     stage = int(states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
     module = states["module"]
@@ -123,16 +148,20 @@ def read_engine_info(path: str, tag: str) -> EngineInfo:
     trainable = frozen = 0
     if stage == 0 or states.get("param_shapes") is None:
         for name, t in module.items():
-            shapes[name] = tuple(t.shape)
-            trainable += t.numel()
+            shapes[name] = full_shape(tuple(t.shape), partitions.get(name), tp)
+            trainable += math.prod(shapes[name])
     else:
         for group in states["param_shapes"]:
             for name, shape in group.items():
-                shapes[name] = tuple(shape)
-                trainable += math.prod(shape)
+                shapes[name] = full_shape(tuple(shape), partitions.get(name), tp)
+                trainable += math.prod(shapes[name])
         for name, shape in (states.get("frozen_param_shapes") or {}).items():
-            shapes[name] = tuple(shape)
-            frozen += math.prod(shape)
+            shapes[name] = full_shape(tuple(shape), partitions.get(name), tp)
+            frozen += math.prod(shapes[name])
+    unknown = sorted(set(partitions) - set(shapes))
+    if unknown:
+        raise MergeError(f"{path}/{tag}: the recorded tensor-parallel layout names tensors the engine does not "
+                         f"hold: {unknown[:5]}")
     ds = states.get("ds_config", {})
     if ds.get("bf16", {}).get("enabled"):
         weight_dtype = "bf16"
@@ -141,7 +170,8 @@ def read_engine_info(path: str, tag: str) -> EngineInfo:
     else:
         floats = [t.dtype for t in module.values() if t.is_floating_point()]
         weight_dtype = _dtype_name(floats[0]) if floats else "fp32"
-    return EngineInfo(tag, stage, shapes, trainable, frozen, weight_dtype, None if stage == 0 else "fp32")
+    return EngineInfo(tag, stage, shapes, trainable, frozen, weight_dtype, None if stage == 0 else "fp32", tp,
+                      partitions)
 
 
 def _config_snapshot(path: str, state: Dict[str, Any]) -> Optional[str]:
@@ -162,15 +192,31 @@ def read_checkpoint_info(path: Union[str, os.PathLike]) -> CheckpointInfo:
     if absent:
         raise MergeError(f"{path}: written by {world} ranks but rank files are missing: "
                          f"{[os.path.basename(f) for f in absent]}")
-    engines = {tag: read_engine_info(path, tag) for tag in state["engines"]}
+    tp = int(state.get("parallel", {}).get("tp", 1))
+    layouts = state.get("tensor_parallel", {})
+    if tp > 1:
+        unrecorded = sorted(set(state["engines"]) - set(layouts))
+        if unrecorded:
+            raise MergeError(f"{path}: written with tensor parallelism (tp={tp}) but trainer_state.json records no "
+                             f"tensor_parallel layout for {unrecorded}: the TP shards cannot be joined")
+        for tag in state["engines"]:
+            for i in range(tp):
+                tp_files = _tp_rank_files(os.path.join(path, tag), i)
+                if not tp_files:
+                    raise MergeError(f"{path}/{tag}: written with tp={tp} but holds no files of TP rank {i} "
+                                     f"(*mp_rank_{i:02d}_*)")
+    engines = {tag: read_engine_info(path, tag, tp, layouts.get(tag) if tp > 1 else None) for tag in state["engines"]}
     rank0 = torch.load(rank_files[0], map_location="cpu", weights_only=False, mmap=True)
     ema = None
     if rank0.get("ema") is not None and rank0["ema"].get("shards") is not None:
         layout = rank0["ema"]["layout"]
+        partitions = engines["generator"].tp_partitions if "generator" in engines else {}
         ema = {"decay": rank0["ema"]["decay"], "start_step": rank0["ema"]["start_step"],
-               "numel": sum(math.prod(s) for s in layout.values()), "tensors": len(layout)}
+               "numel": sum(math.prod(full_shape(s, partitions.get(n), tp)) for n, s in layout.items()),
+               "tensors": len(layout)}
     return CheckpointInfo(
-        path=path, step=int(state["step"]), world_size=world, zero_stage=int(state["zero_stage"]), engines=engines,
+        path=path, step=int(state["step"]), world_size=world, zero_stage=int(state["zero_stage"]), tp=tp,
+        engines=engines,
         ema_started=bool(state.get("ema_started", ema is not None)), rank_files=rank_files, trainer_state=state,
         config_snapshot=_config_snapshot(path, state), ema=ema, rank_state_keys=sorted(rank0),
     )
@@ -179,15 +225,58 @@ def read_checkpoint_info(path: Union[str, os.PathLike]) -> CheckpointInfo:
 # ---------------------------------------------------------------------------------------------- merging
 
 
-def merge_engine(path: str, info: EngineInfo) -> Dict[str, torch.Tensor]:
-    """Full fp32 (ZeRO 1-3: the optimizer's masters) state dict of one engine."""
+def _tp_rank_files(engine_dir: str, tp_rank: int) -> List[str]:
+    """DeepSpeed's files of one TP rank (``mp_rank_XX`` in their names), sorted."""
+    pattern = re.compile(rf"(^|_)mp_rank_{tp_rank:02d}_")
+    return sorted(os.path.join(engine_dir, f) for f in os.listdir(engine_dir) if pattern.search(f))
+
+
+def merge_engine_tp_rank(path: str, info: EngineInfo, tp_rank: int) -> Dict[str, torch.Tensor]:
+    """Full fp32 state dict of TP rank ``tp_rank``'s shard of one engine (its own file set only)."""
+    engine_dir = os.path.join(path, info.tag)
     if info.zero_stage == 0:
-        states = torch.load(_model_states_file(os.path.join(path, info.tag)), map_location="cpu",
+        states = torch.load(os.path.join(engine_dir, f"mp_rank_{tp_rank:02d}_model_states.pt"), map_location="cpu",
                             weights_only=False)
         return {k: v.detach().clone() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(path, tag=info.tag).items()}
+    if info.tp == 1:
+        return {k: v.detach() for k, v in get_fp32_state_dict_from_zero_checkpoint(path, tag=info.tag).items()}
+    # zero_to_fp32 reads every *_optim_states.pt of a directory as one dp world: show it one TP rank's.
+    with tempfile.TemporaryDirectory(prefix="merge-tp-") as view:
+        os.mkdir(os.path.join(view, info.tag))
+        for f in _tp_rank_files(engine_dir, tp_rank):
+            os.symlink(os.path.abspath(f), os.path.join(view, info.tag, os.path.basename(f)))
+        sd = get_fp32_state_dict_from_zero_checkpoint(view, tag=info.tag)
+        return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def unshard_tensor_parallel(per_rank: List[Dict[str, torch.Tensor]],
+                            partitions: Dict[str, List[int]]) -> Dict[str, torch.Tensor]:
+    """One state dict from the TP ranks' (in TP rank order): sharded tensors joined along their
+    recorded dim (per chunk of fused tensors), replicated ones taken from TP rank 0."""
+    from megadistill.parallel.tensor_parallel import unshard
+
+    names = list(per_rank[0])
+    for rank, sd in enumerate(per_rank[1:], start=1):
+        if set(sd) != set(names):
+            raise MergeError(f"TP rank {rank} holds other tensors than TP rank 0: "
+                             f"{sorted(set(sd) ^ set(names))[:5]}")
+    out = {}
+    for name in names:
+        if name in partitions:
+            dim, chunks = partitions[name]
+            out[name] = unshard([sd[name] for sd in per_rank], dim, chunks)
+        else:
+            out[name] = per_rank[0][name]
+    return out
+
+
+def merge_engine(path: str, info: EngineInfo) -> Dict[str, torch.Tensor]:
+    """Full fp32 (ZeRO 1-3: the optimizer's masters) state dict of one engine, TP shards joined."""
+    if info.tp == 1:
+        return merge_engine_tp_rank(path, info, 0)
+    return unshard_tensor_parallel([merge_engine_tp_rank(path, info, t) for t in range(info.tp)], info.tp_partitions)
 
 
 def reassemble_shards(shards: List[torch.Tensor], shape: Tuple[int, ...]) -> torch.Tensor:
@@ -202,20 +291,35 @@ def reassemble_shards(shards: List[torch.Tensor], shape: Tuple[int, ...]) -> tor
 def merge_ema(info: CheckpointInfo, generator: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The EMA generator: reassembled EMA tensors over the generator's merged state dict."""
     states = [torch.load(f, map_location="cpu", weights_only=False)["ema"] for f in info.rank_files]
+    # Each rank file holds the shard of (TP rank, rank in the sequence_data group); without TP that
+    # group is the world and the file's rank is the global rank.
+    group = info.world_size // info.tp
+    by_coord: Dict[Tuple[int, int], Dict[str, Any]] = {}
     for rank, s in enumerate(states):
         if s is None or s["shards"] is None:
             raise MergeError(f"{info.path}: rank {rank} holds no EMA shard")
-        if (s["rank"], s["world_size"]) != (rank, info.world_size):
+        coord = (s.get("tp_rank", 0), s["rank"])
+        expected = (s.get("tp_size", 1), s["world_size"]) == (info.tp, group)
+        if not expected or coord in by_coord or not (0 <= coord[0] < info.tp and 0 <= coord[1] < group):
             raise MergeError(f"{info.rank_files[rank]} holds the EMA shard of rank {s['rank']} of "
-                             f"{s['world_size']}, expected rank {rank} of {info.world_size}")
+                             f"{s['world_size']} (tp rank {coord[0]} of {s.get('tp_size', 1)}), expected one of "
+                             f"{group} shards per TP rank with tp={info.tp} ({info.world_size} ranks)")
+        by_coord[coord] = s
+    partitions = info.engines["generator"].tp_partitions
+    per_tp = []
+    for t in range(info.tp):
+        shards = [by_coord[t, r] for r in range(group)]
+        per_tp.append({name: reassemble_shards([s["shards"][name] for s in shards], tuple(shape))
+                       for name, shape in shards[0]["layout"].items()})
+    ema = unshard_tensor_parallel(per_tp, partitions) if info.tp > 1 else per_tp[0]
     out = dict(generator)
-    for name, shape in states[0]["layout"].items():
+    for name, tensor in ema.items():
         if name not in generator:
             raise MergeError(f"EMA tensor {name!r} is not a generator parameter")
-        if tuple(generator[name].shape) != tuple(shape):
-            raise MergeError(f"EMA tensor {name!r} has shape {list(shape)}, "
+        if tuple(generator[name].shape) != tuple(tensor.shape):
+            raise MergeError(f"EMA tensor {name!r} has shape {list(tensor.shape)}, "
                              f"the generator {list(generator[name].shape)}")
-        out[name] = reassemble_shards([s["shards"][name] for s in states], tuple(shape))
+        out[name] = tensor
     return out
 
 
@@ -479,7 +583,7 @@ def format_info(info: CheckpointInfo) -> str:
     lines = [
         f"checkpoint   {info.path}",
         f"step         {info.step}",
-        f"world size   {info.world_size}",
+        f"world size   {info.world_size}" + (f" (tensor parallel: {info.tp} shards)" if info.tp > 1 else ""),
         f"ZeRO stage   {info.zero_stage}",
         f"models       {', '.join(sorted(info.engines))}",
     ]
@@ -499,7 +603,7 @@ def format_info(info: CheckpointInfo) -> str:
     lines.append(f"data state   {'present' if 'data' in info.rank_state_keys else 'absent'}")
     lines.append(f"config       {info.config_snapshot or 'no snapshot saved'}")
     extra = {k: v for k, v in info.trainer_state.items()
-             if k not in ("step", "world_size", "zero_stage", "engines", "ema_started", "config")}
+             if k not in ("step", "world_size", "zero_stage", "engines", "ema_started", "config", "tensor_parallel")}
     if extra:
         lines.append("trainer      " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
     return "\n".join(lines)

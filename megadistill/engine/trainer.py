@@ -184,9 +184,6 @@ class Trainer:
         ds = load_ds_config(ds_config, train, self.dp_size)
         # What each rank backpropagates per unit of loss (ZeRO's weighting of the SP ranks, see engines.py).
         self.loss_scale = sequence_parallel_loss_scale(ds, self.parallel_sizes["sp"])
-        if train.ema.enabled and self.parallel_sizes["tp"] > 1:
-            raise ValueError("train.ema with parallel.tp > 1 needs ShardedEMA over the mesh's sequence_data group "
-                             "(engine/ema.py takes no process group yet): set train.ema.decay=0 or parallel.tp=1")
         self.resume_path = self._resume_path(checkpoint_dir, train)
         self.seed = broadcast_seed(train.seed)
         seed_everything(self.seed, self.seed_rank, self.generators, self.shared_generators)
@@ -195,9 +192,14 @@ class Trainer:
         self.ema: Optional[ShardedEMA] = None
         if train.ema.enabled:
             named = [(n, p) for n, p in method.generator.named_parameters() if p.requires_grad]
-            # ZeRO-3 partitions each parameter over the sequence_data group, which is the whole world
-            # for tp = 1: the EMA's default-group shards match it.
-            self.ema = ShardedEMA(named, train.ema.decay, train.ema.start_step, self.dist.rank, self.dist.world_size)
+            # Sharded like ZeRO: over the mesh's sequence_data group (the world for tp = 1), each TP rank
+            # keeping the EMA of its own TP shard; gather() unshards both.
+            if mesh is not None:
+                group, rank, size = mesh.sequence_data_group, mesh.rank("sequence_data"), mesh.size("sequence_data")
+            else:
+                group, rank, size = None, self.dist.rank, self.dist.world_size
+            self.ema = ShardedEMA(named, train.ema.decay, train.ema.start_step, rank, size, group=group,
+                                  tp_module=method.generator)
         self.step = 0  # completed steps
         self.resumed_from: Optional[str] = None
         if self.resume_path is not None:

@@ -490,9 +490,6 @@ def check_parallel(cfg: ExperimentConfig) -> int:
     if p.sp > 1 and cfg.method.name == "gan":
         raise ValueError("method gan with parallel.sp > 1 is not supported yet: the discriminator's register heads "
                          "read block hidden states, which sequence parallelism shards by token; use parallel.tp")
-    if p.tp > 1 and cfg.train.ema.enabled:
-        raise ValueError("train.ema with parallel.tp > 1 is not supported yet (the sharded EMA does not know the "
-                         "mesh's sequence_data group): set train.ema.decay=0 or parallel.tp=1")
     resume = _resume_checkpoint(cfg)
     if resume is not None:
         from megadistill.engine import checkpoint as ckpt
@@ -551,8 +548,6 @@ def run(cfg: ExperimentConfig, ds: dict) -> int:
     models = {"generator": generator, "critic": critic}
     metadata = {"config": to_dict(cfg), "model_configs": {
         role: dataclasses.asdict(m.config) for role, m in models.items() if m is not None}}
-    # The launcher validated the global batch against the world size; the trainer counts dp replicas.
-    ds = {**ds, "train_batch_size": "auto"}
     trainer = Trainer(method, data, cfg.train, ds, os.path.join(cfg.run.output_dir, "checkpoints"),
                       generators={"method": rng}, shared_generators={"rollout": rollout_rng},
                       log_dir=os.path.join(cfg.run.output_dir, "logs"), metadata=metadata,

@@ -83,10 +83,28 @@ def test_state_dict_round_trip_and_checks():
     other = ShardedEMA(_params(1)[1], 0.5, 0, rank=1, world_size=2)
     other.load_state_dict(ema.state_dict())
     assert all(torch.equal(other.shards[n], ema.shards[n]) for n in ema.shards)
-    with pytest.raises(ValueError, match="rank 1 of 2, cannot load into rank 0 of 2"):
+    with pytest.raises(ValueError, match=r"rank 1 of 2 \(tp rank 0 of 1\), cannot load into rank 0 of 2"):
         ShardedEMA(named, 0.5, 0, rank=0, world_size=2).load_state_dict(ema.state_dict())
     small = [(n, p) for n, p in named][:2]
     with pytest.raises(ValueError, match="names or shapes"):
         ShardedEMA(small, 0.5, 0, rank=1, world_size=2).load_state_dict(ema.state_dict())
     with pytest.raises(ValueError, match="decay"):
         ShardedEMA(named, 1.0, 0, rank=0, world_size=1)
+
+
+def test_state_dict_records_the_tensor_parallel_coordinate():
+    """Without tensor-parallel layers a shard is TP rank 0 of 1; a shard of another TP rank is refused,
+    and a state written before TP was recorded (no tp keys) still loads."""
+    net, named = _params()
+    ema = ShardedEMA(named, 0.5, 0, rank=0, world_size=2, tp_module=net)
+    ema.maybe_start(0)
+    state = ema.state_dict()
+    assert (state["tp_rank"], state["tp_size"]) == (0, 1)
+    other = ShardedEMA(named, 0.5, 0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match=r"tp rank 1 of 2\), cannot load into rank 0 of 2 \(tp rank 0 of 1\)"):
+        other.load_state_dict({**state, "tp_rank": 1, "tp_size": 2})
+    old = {k: v for k, v in state.items() if k not in ("tp_rank", "tp_size")}
+    other.load_state_dict(old)
+    assert all(torch.equal(other.shards[n], ema.shards[n]) for n in ema.shards)
+    with pytest.raises(ValueError, match="rank must be in"):
+        ShardedEMA(named, 0.5, 0, rank=2, world_size=2)

@@ -145,3 +145,42 @@ def test_bad_inputs_exit_2_before_anything_is_written(case, tmp_path, capsys):
     for text in expected:
         assert text in err, err
     assert not out.exists()
+
+
+def _batch_ds(tmp_path, train_batch_size):
+    cfg = json.loads(ZERO3.read_text())
+    cfg["train_batch_size"] = train_batch_size
+    path = tmp_path / "batch.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+# 4 ranks: dp = world / (tp x sp); the demo config's micro batch is 8, grad_accum 1 (its EMA is on).
+@pytest.mark.parametrize("parallel,dp", [(["parallel.tp=2"], 2), (["parallel.sp=2"], 2),
+                                         (["parallel.tp=2", "parallel.sp=2"], 1), ([], 4)])
+def test_explicit_global_batch_counts_dp_replicas(parallel, dp, tmp_path, monkeypatch):
+    """train_batch_size = micro x accum x dp (the ranks of a tp x sp group share one sample) is accepted
+    and kept; that is what the trainer checks the config against (Trainer.dp_size)."""
+    from megadistill.config import load_config
+    from megadistill.engine.config import load_ds_config
+    from megadistill.experiment import ExperimentConfig
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = load_config(ExperimentConfig, train_cli.DEFAULT_CONFIG, [f"run.output_dir={tmp_path / 'run'}", *parallel])
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.ema.enabled) == (8, 1, True)
+    ds = train_cli.check_job_inputs(cfg, str(_batch_ds(tmp_path, 8 * dp)))
+    assert ds["train_batch_size"] == 8 * dp
+    assert load_ds_config(ds, cfg.train, dp)["train_batch_size"] == 8 * dp  # the trainer's own check passes
+
+
+@pytest.mark.parametrize("parallel,wrong", [(["parallel.tp=2"], 32), (["parallel.sp=2"], 8),
+                                            (["parallel.tp=2", "parallel.sp=2"], 32)])
+def test_global_batch_not_matching_dp_exits_2(parallel, wrong, tmp_path, monkeypatch, capsys):
+    """micro x accum x WORLD (32 here) or any other count than x dp is refused before anything is written."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    out = tmp_path / "never"
+    code = train_cli.main(["--ds_config", str(_batch_ds(tmp_path, wrong)), f"run.output_dir={out}", *parallel])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "train_batch_size" in err and str(wrong) in err, err
+    assert not out.exists()

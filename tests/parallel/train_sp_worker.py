@@ -4,7 +4,9 @@ test_parallel_training.py through tests/engine/ranks.py).
     python tests/parallel/train_sp_worker.py SPEC.json
 
 SPEC: {"results": "out.pt", "grad_accum": 1, "runs": [{"tp": 1, "sp": 2, "ema": true, "stage": 3}, ...]} (the runs
-share the process group; results: one dict per run). Teacher, generator and
+share the process group; results: one dict per run). A run may also name "checkpoint" (a checkpoint
+directory: saved every 2 steps and at the end, the step-2 one kept) and "resume_from" (a checkpoint to
+resume from: the run then trains only the steps after it). Teacher, generator and
 critic are one tiny randomly initialised Wan T2V (27 tokens: not divisible by sp), parallelized with
 ``parallelize_wan``; DMD with the bidirectional rollout of the wan job; ZeRO-3, fp32.
 
@@ -114,10 +116,12 @@ def run(run_spec: dict, grad_accum: int, info) -> dict:
     optim = OptimConfig(lr=LR, betas=(0.0, 0.999), eps=EPS, weight_decay=0.0, grad_clip=10.0)
     train = TrainConfig(max_steps=STEPS, micro_batch_size=1, grad_accum=grad_accum, precision="fp32",
                         dfake_gen_update_ratio=1, log_every=0, seed=SEED, generator_optim=optim,
-                        critic_optim=optim, ema=EMAConfig(decay=0.9 if run_spec["ema"] else 0.0, start_step=1))
+                        critic_optim=optim, ema=EMAConfig(decay=0.9 if run_spec["ema"] else 0.0, start_step=1),
+                        save_every=2, keep_last=0, resume_from=run_spec.get("resume_from", ""))
     data = GlobalSampleSource([rng], [rollout_rng], mesh.dp_rank, grad_accum, generator.config.text_dim)
     stage = run_spec.get("stage", 3)
-    trainer = Trainer(method, data, train, {"zero_optimization": {"stage": stage}}, generators={"method": rng},
+    trainer = Trainer(method, data, train, {"zero_optimization": {"stage": stage}},
+                      checkpoint_dir=run_spec.get("checkpoint"), generators={"method": rng},
                       shared_generators={"rollout": rollout_rng}, mesh=mesh)
     # The trainer's seeding of the per-rank stream, before the data source reseeds it per sample.
     seeded = torch.randn(4, generator=torch.Generator().set_state(rng.get_state()))
