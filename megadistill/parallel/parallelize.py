@@ -13,15 +13,15 @@ rank's shard of full tensors. Both work on ``{name: tensor}`` dicts named like
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Mapping, Optional
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
 from .mesh import ParallelConfig, ParallelMesh
 from .sequence_parallel import apply_sequence_parallel
-from .tensor_parallel import apply_tensor_parallel, group_size, shard, sharded_parameters, unshard
+from .tensor_parallel import apply_tensor_parallel
+# The full <-> TP-sharded weight helpers live with the TP layers; the trainer reaches them through here.
+from .tensor_parallel import gather_tensor_parallel, shard_tensor_parallel, tensor_parallel_layout
 
 
 def parallelize_wan(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
@@ -46,44 +46,10 @@ def check_parallel_sizes(parallel: ParallelConfig, world_size: int, heads: Mappi
     return parallel.check(world_size)
 
 
-def tensor_parallel_layout(module: nn.Module) -> Dict[str, Tuple[Any, int, int]]:
-    """name -> (tp group, dim, chunks) of every TP-sharded parameter of ``module`` (names as in
-    ``module.named_parameters()``); empty for a module without tensor parallelism."""
-    out = {}
-    for name, (_, dim, chunks) in sharded_parameters(module).items():
-        layer = module.get_submodule(name.rpartition(".")[0])  # the parallel layer holds its TP group
-        if group_size(layer.group) > 1:
-            out[name] = (layer.group, dim, chunks)
-    return out
-
-
-@torch.no_grad()
-def gather_tensor_parallel(module: nn.Module, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``tensors`` (this rank's local values of ``module``'s parameters, e.g. the ZeRO-gathered TP
-    shards or EMA values) with every TP-sharded entry replaced by the full tensor. Collective over
-    the TP groups: every rank calls it with the same names, in the same order."""
-    layout = tensor_parallel_layout(module)
-    out = dict(tensors)
-    for name, (group, dim, chunks) in layout.items():
-        if name not in tensors:
-            continue
-        local = tensors[name].contiguous()
-        parts = [torch.empty_like(local) for _ in range(group_size(group))]
-        dist.all_gather(parts, local, group=group)
-        out[name] = unshard(parts, dim, chunks)
-    return out
-
-
-def shard_tensor_parallel(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Full tensors (``module.named_parameters()`` names) cut to this rank's TP shards; no communication."""
-    layout = tensor_parallel_layout(module)
-    out = dict(tensors)
-    for name, (group, dim, chunks) in layout.items():
-        if name in tensors:
-            out[name] = shard(tensors[name], dim, dist.get_rank(group), group_size(group), chunks)
-    return out
-
-
 def uses_model_parallel(mesh: Optional[ParallelMesh]) -> bool:
     """True when ``mesh`` splits a sample across ranks (tp or sp > 1): DeepSpeed then needs it as mpu."""
     return mesh is not None and (mesh.tp > 1 or mesh.sp > 1)
+
+
+__all__ = ["check_parallel_sizes", "gather_tensor_parallel", "parallelize_wan", "shard_tensor_parallel",
+           "tensor_parallel_layout", "uses_model_parallel"]

@@ -26,11 +26,12 @@ Sharded parameters keep their names (``self_attn.q.weight`` ...) and carry Megat
 code counts them on every TP rank, replicated ones once). Checkpoints stay unsharded: load the full
 state dict into the unsharded model, then ``apply_tensor_parallel``, or (never holding the full model)
 build on the meta device, apply TP, materialise (``to_empty``) and ``load_unsharded_state_dict``;
-``gather_tensor_parallel_state_dict`` rebuilds the full state dict (original keys and shapes).
+``gather_tensor_parallel_state_dict`` rebuilds the full state dict (original keys and shapes) with
+``gather_tensor_parallel``, the dict-level gather the trainer also uses (ZeRO-gathered shards, EMA).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -354,15 +355,7 @@ def gather_tensor_parallel_state_dict(model: nn.Module, tp_group: Any) -> dict[s
     Collective: every rank of ``tp_group`` must call it (parameters are visited in the same order).
     """
     state = model.state_dict()
-    world = group_size(tp_group)
-    if world == 1:
-        return state
-    for name, (p, dim, chunks) in sharded_parameters(model).items():
-        local = p.detach().contiguous()
-        shards = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(shards, local, group=tp_group)
-        state[name] = unshard(shards, dim, chunks)
-    return state
+    return state if group_size(tp_group) == 1 else gather_tensor_parallel(model, state)
 
 
 @torch.no_grad()
@@ -385,3 +378,41 @@ def load_unsharded_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
             raise ValueError(f"{name}: checkpoint shape {tuple(full.shape)} does not match {tuple(target.shape)}")
         target.copy_(full)
     mark_tensor_parallel_parameters(model)
+
+
+def tensor_parallel_layout(module: nn.Module) -> Dict[str, Tuple[Any, int, int]]:
+    """name -> (tp group, dim, chunks) of every TP-sharded parameter of ``module`` (names as in
+    ``module.named_parameters()``); empty for a module without tensor parallelism."""
+    out = {}
+    for name, (_, dim, chunks) in sharded_parameters(module).items():
+        layer = module.get_submodule(name.rpartition(".")[0])  # the parallel layer holds its TP group
+        if group_size(layer.group) > 1:
+            out[name] = (layer.group, dim, chunks)
+    return out
+
+
+@torch.no_grad()
+def gather_tensor_parallel(module: nn.Module, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``tensors`` (this rank's local values of ``module``'s parameters, e.g. the ZeRO-gathered TP
+    shards or EMA values) with every TP-sharded entry replaced by the full tensor. Collective over
+    the TP groups: every rank calls it with the same names, in the same order."""
+    layout = tensor_parallel_layout(module)
+    out = dict(tensors)
+    for name, (group, dim, chunks) in layout.items():
+        if name not in tensors:
+            continue
+        local = tensors[name].contiguous()
+        parts = [torch.empty_like(local) for _ in range(group_size(group))]
+        dist.all_gather(parts, local, group=group)
+        out[name] = unshard(parts, dim, chunks)
+    return out
+
+
+def shard_tensor_parallel(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Full tensors (``module.named_parameters()`` names) cut to this rank's TP shards; no communication."""
+    layout = tensor_parallel_layout(module)
+    out = dict(tensors)
+    for name, (group, dim, chunks) in layout.items():
+        if name in tensors:
+            out[name] = shard(tensors[name], dim, dist.get_rank(group), group_size(group), chunks)
+    return out
