@@ -498,12 +498,14 @@ def causal_activations(cfg: WanConfig, frame_tokens: int, frames: int, frames_pe
     (at most sink + window frames) plus itself; the other steps run under no_grad.
 
     Without checkpointing each block call saves its block's activations with the keys/values of
-    past + own tokens (``torch.cat``, kv_cache.py). With checkpointing it saves its input and a
-    snapshot (clone) of the visible past keys/values per layer (KVCacheStep snapshot), and one block
-    is recomputed at a time during backward.
+    past + own tokens (``torch.cat``, kv_cache.py). With checkpointing it saves its input and one
+    block is recomputed at a time during backward; the snapshot of the visible past it keeps for the
+    recomputation is a view of the cache (copy-on-write, kv_cache.py), copied only when a local
+    window's eviction later shifts the rows under it (then at most sink + window frames per layer).
     """
     blocks = frames // frames_per_block
     q = frames_per_block * frame_tokens
+    evicts = window_frames is not None and blocks * frames_per_block > sink_frames + window_frames
     saved, biggest = 0.0, 0.0
     for j in range(blocks):
         past_frames = j * frames_per_block
@@ -514,7 +516,8 @@ def causal_activations(cfg: WanConfig, frame_tokens: int, frames: int, frames_pe
         per_block = block_saved_bytes(shape, tp, sp, compute_bytes, cfg.model_type == "ti2v")
         outside = outside_blocks_saved_bytes(cfg, sp_tokens(q, sp), sp, compute_bytes)
         if checkpointing:
-            snapshot = 2 * compute_bytes * cfg.dim / tp * sp_tokens(past_frames * frame_tokens, sp) / sp
+            copied = evicts and j < blocks - 1 and past_frames > sink_frames
+            snapshot = copied * 2 * compute_bytes * cfg.dim / tp * sp_tokens(past_frames * frame_tokens, sp) / sp
             saved += (4 * cfg.dim * sp_tokens(q, sp) / sp + snapshot) * cfg.num_layers + outside
             biggest = max(biggest, per_block)
         else:

@@ -310,6 +310,69 @@ def test_rerun_after_eviction_overwrites_and_gradients_survive_checkpointing():
     torch.testing.assert_close(torch.cat(ref, dim=2), out0, rtol=1e-6, atol=1e-6)
 
 
+def test_checkpoint_snapshot_is_copied_only_when_its_rows_are_overwritten():
+    """A snapshot views the buffer until a write would change the rows it covers: appending and
+    re-running the last block copy nothing; a rewind or an eviction copies first, and the copy holds
+    what the call saw."""
+    cache = KVCache(torch.zeros(1, 12, 1, 2), torch.zeros(1, 12, 1, 2))
+
+    def write(start, value):  # one no-grad layer call of 2 tokens at `start`
+        step = cache.begin(start, 2, snapshot=True)
+        step.extend(torch.full((1, 2, 1, 2), float(value)), torch.full((1, 2, 1, 2), float(value)))
+        return step
+
+    steps = [write(0, 1), write(2, 2)]
+    steps.append(write(2, 3))  # re-run the last block: rows [2, 4) change, nobody's past covers them
+    steps.append(write(4, 4))
+    views = [s for s in steps[1:] if s.past[0].data_ptr() == cache.k.data_ptr()]  # steps[0]: empty past
+    assert len(views) == len(steps) - 1  # nothing copied
+    seen = steps[3].past[0].clone()  # block 4's past: rows 0-1 = 1, rows 2-3 = 3
+    write(2, 5)  # rewind to block 2: its rows are in block 4's past -> copied before the write
+    assert steps[3].past[0].data_ptr() != cache.k.data_ptr()
+    assert torch.equal(steps[3].past[0], seen) and cache.k[0, 2, 0, 0] == 5
+    assert steps[1].past[0].data_ptr() == cache.k.data_ptr()  # its past (rows 0-1) was not touched
+
+    windowed = KVCache(torch.zeros(1, 6, 1, 2), torch.zeros(1, 6, 1, 2), sink_tokens=2, window_tokens=4)
+    cache = windowed
+    a, b = write(0, 1), write(2, 2)
+    c = write(4, 3)
+    before = c.past[0].clone()
+    write(6, 4)  # full: evicts by shifting rows >= the sink left, under c's past
+    assert c.past[0].data_ptr() != windowed.k.data_ptr() and torch.equal(c.past[0], before)
+    assert b.past[0].data_ptr() == windowed.k.data_ptr()  # b's past is the sink: unchanged
+
+
+def test_checkpointed_rollout_without_window_copies_no_past_and_keeps_gradients(monkeypatch):
+    """Self-Forcing-shaped rollout without a local window (noisy pass with grad, clean refresh under
+    no_grad): activation checkpointing gives the same outputs and gradients as none, and no snapshot
+    is ever copied (the saved past is a view of the cache, not one copy per layer and block)."""
+    from megadistill.models.wan.kv_cache import KVCacheStep
+
+    copies = []
+    own_past = KVCacheStep.own_past
+    monkeypatch.setattr(KVCacheStep, "own_past", lambda self: (copies.append(self), own_past(self)))
+    frames, nfpb = 6, 2
+    results = []
+    for ckpt in (False, True):
+        model = _model(num_frame_per_block=nfpb, grad_checkpointing=ckpt)
+        x, context = _inputs(model, f=frames)
+        noisy = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+        caches, cross, outs = new_kv_cache(model, 2, FSL, max_frames=frames), CrossAttnCache(), []
+        for s, e in _blocks(frames, nfpb):
+            outs.append(model.forward_causal_step(noisy[:, :, s:e], torch.full((2,), 600.0), context, caches, cross,
+                                                  start_frame=s))
+            with torch.no_grad():
+                model.forward_causal_step(x[:, :, s:e], torch.zeros(2), context, caches, cross, start_frame=s)
+        out = torch.cat(outs, dim=2)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert copies == []
+    (out0, g0), (out1, g1) = results
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_gradient_flows_through_the_parallel_forward_and_respects_causality():
     model = _model(num_frame_per_block=2)
     x, context = _inputs(model, f=6)

@@ -18,9 +18,18 @@ Gradients: the buffers hold detached tensors. Within one call the new block's ow
 differentiable (the layer attends to cat(cached past, new)); cached past keys carry no gradient,
 which is what the Self-Forcing rollout needs (past blocks are re-written clean under no_grad).
 Under no_grad the new keys are written first and the layer attends to a view of the buffer (no copy).
+
+Activation checkpointing recomputes a layer call in backward, after later calls have changed the
+buffer, so such a call needs the past exactly as it saw it. Copying it up front costs one copy of the
+whole visible past per layer and gradient block: quadratic in the number of blocks, most of the
+generator's memory in a long rollout. The snapshot is copy-on-write instead: a view of the buffer,
+copied only when a later write (eviction's shift, a rewind's overwrite) is about to change the rows it
+covers. Appending and re-running the last block never touch earlier rows, so a rollout without a
+local window copies nothing.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,6 +47,8 @@ class KVCache:
     window_tokens: Optional[int] = None
     global_end_index: int = 0
     local_end_index: int = 0
+    # Steps whose snapshot still views the buffer (copy-on-write); gone once their call is freed.
+    _views: weakref.WeakSet = field(default_factory=weakref.WeakSet, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.k.dim() != 4 or self.k.shape != self.v.shape:
@@ -68,8 +79,8 @@ class KVCache:
         """Reserve the slot of tokens [start, start + num_tokens), evicting if needed, and return the
         step through which one layer call reads the past and writes the new tokens.
 
-        ``snapshot`` copies the visible past, for a call that may be recomputed later (activation
-        checkpointing) while this buffer keeps changing.
+        ``snapshot`` keeps the visible past as this call saw it, for a call that may be recomputed
+        later (activation checkpointing) while this buffer keeps changing: copy-on-write, see above.
         """
         end = start + num_tokens
         if num_tokens < 1:
@@ -91,13 +102,24 @@ class KVCache:
             raise ValueError(f"KVCache write at tokens [{start}, {end}) must append at {self.global_end_index} "
                              f"or re-run already written tokens")
         self.global_end_index, self.local_end_index = end, local_end
-        return KVCacheStep(self, local_end - num_tokens, local_end, snapshot)
+        step = KVCacheStep(self, local_end - num_tokens, local_end)
+        if snapshot:
+            self._views.add(step)
+        return step
+
+    def before_write(self, start: int):
+        """Copy the snapshots that view buffer rows >= ``start``: those rows are about to change."""
+        for step in list(self._views):
+            if step.local_start > start:
+                step.own_past()
+                self._views.discard(step)
 
     def _evict(self, overflow: int, num_tokens: int):
         if self.window_tokens is None:
             raise ValueError(f"KVCache full: {self.capacity} tokens hold {self.local_end_index}, cannot add "
                              f"{num_tokens}; allocate more frames (new_kv_cache max_frames) or set a local window")
         sink, keep = self.sink_tokens, self.local_end_index - overflow - self.sink_tokens
+        self.before_write(sink)
         for buf in (self.k, self.v):  # shift left; clone because source and destination overlap
             buf[:, sink:sink + keep] = buf[:, sink + overflow:sink + overflow + keep].clone()
         self.local_end_index -= overflow  # global positions are absolute: only the buffer mapping moves
@@ -106,11 +128,14 @@ class KVCache:
 class KVCacheStep:
     """One layer call's view of a KVCache: the visible past and the slot for the new tokens."""
 
-    def __init__(self, cache: KVCache, local_start: int, local_end: int, snapshot: bool):
+    def __init__(self, cache: KVCache, local_start: int, local_end: int):
         self.cache, self.local_start, self.local_end = cache, local_start, local_end
-        past_k, past_v = cache.k[:, :local_start], cache.v[:, :local_start]
-        self.past = (past_k.clone(), past_v.clone()) if snapshot else (past_k, past_v)
+        self.past = (cache.k[:, :local_start], cache.v[:, :local_start])
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def own_past(self):
+        """Replace the view of the past by a copy (the buffer rows under it are about to change)."""
+        self.past = (self.past[0].clone(), self.past[1].clone())
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """New roped keys and values [B, n, H, D] -> all keys/values this call attends to."""
@@ -134,6 +159,7 @@ class KVCacheStep:
             self._pending = None
 
     def _write(self, k: torch.Tensor, v: torch.Tensor):
+        self.cache.before_write(self.local_start)
         with torch.no_grad():
             self.cache.k[:, self.local_start:self.local_end] = k
             self.cache.v[:, self.local_start:self.local_end] = v
