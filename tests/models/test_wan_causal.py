@@ -123,6 +123,18 @@ def test_flex_mask_mod_and_block_mask_match_the_dense_mask():
     torch.testing.assert_close(flex_out, dense_out, rtol=1e-5, atol=1e-5)
 
 
+def test_flex_is_the_default_only_for_half_precision_on_cuda():
+    """No GPU needed: the choice reads only the device type and the attention dtype. Float32 flex
+    autotuning did not finish in 5 minutes on an H100 (tools/bench_wan_step.py), so float32 keeps SDPA."""
+    from megadistill.models.wan.causal import flex_available
+
+    cuda = torch.device("cuda")
+    assert flex_available(cuda, torch.bfloat16) and flex_available(cuda, torch.float16) and flex_available(cuda)
+    assert not flex_available(cuda, torch.float32)
+    assert not flex_available(torch.device("cpu"), torch.bfloat16)
+    assert attention_mask(4, 3, 2, device="cpu", dtype=torch.bfloat16).dtype == torch.bool  # CPU: dense
+
+
 # ------------------------------------------------------------------------------------------- rollout = parallel
 
 @pytest.mark.parametrize("frames,nfpb", [(6, 2), (7, 3), (4, 1)])

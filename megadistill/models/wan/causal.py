@@ -98,12 +98,14 @@ def block_causal_mask_mod(num_frames: int, frame_seq_len: int, num_frame_per_blo
     return mask_mod
 
 
-def flex_available(device: torch.device) -> bool:
-    """flex_attention is used on CUDA only: it has no backward on CPU, and SDPA is the CPU reference."""
-    if device.type != "cuda":
+def flex_available(device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
+    """flex_attention is used on CUDA only (no backward on CPU, where SDPA is the reference), in half
+    precision only: inductor's float32 autotuning of it (head_dim 128, H100) failed most configs and
+    had not finished after 5 minutes, while SDPA with the mask runs float32 at once."""
+    if device.type != "cuda" or dtype not in (None, torch.bfloat16, torch.float16):
         return False
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
         return False
     return True
@@ -111,15 +113,17 @@ def flex_available(device: torch.device) -> bool:
 
 def attention_mask(num_frames: int, frame_seq_len: int, num_frame_per_block: int,
                    local_attn_size: Optional[int] = None, sink_size: int = 0,
-                   device: Union[str, torch.device, None] = None, use_flex: Optional[bool] = None):
+                   device: Union[str, torch.device, None] = None, use_flex: Optional[bool] = None,
+                   dtype: Optional[torch.dtype] = None):
     """The mask ``attention()`` takes for one geometry, from a small LRU cache keyed by every argument.
 
-    ``use_flex``: None picks a flex_attention BlockMask where available (CUDA), else a dense bool tensor.
-    The cached tensor is shared between calls: treat it as read-only.
+    ``use_flex``: None picks a flex_attention BlockMask where available (CUDA, attention in ``dtype``
+    half precision), else a dense bool tensor. The cached tensor is shared between calls: treat it as
+    read-only.
     """
     device = torch.device(device if device is not None else "cpu")
     if use_flex is None:
-        use_flex = flex_available(device)
+        use_flex = flex_available(device, dtype)
     cached = _cached_flex if use_flex else _cached_dense
     return cached(num_frames, frame_seq_len, num_frame_per_block, local_attn_size, sink_size, device)
 

@@ -144,7 +144,8 @@ class WanModel(nn.Module):
         mask = None
         if c.is_causal:
             mask = attention_mask(grid[0], grid[1] * grid[2], c.num_frame_per_block, c.local_attn_size,
-                                  c.sink_size, device=tokens.device, use_flex=self.use_flex_attention)
+                                  c.sink_size, device=tokens.device, use_flex=self.use_flex_attention,
+                                  dtype=self.blocks[0].self_attn.o.weight.dtype)  # the projections' dtype
         tokens, e0, freqs, mask = self.token_layout.scatter(tokens, e0, freqs, mask)
 
         for block in self.blocks:
