@@ -7,9 +7,9 @@
     train     the DeepSpeed trainer's loop, optimizers, EMA and checkpoints (engine/config.py)
     method    which method the trainer distills and its typed config (defaults: upstream Self-Forcing)
     wan       models, data, rollout and evaluation of the ``wan`` job
-    parallel  how the ``wan`` job splits each sample across ranks: tensor parallel ``tp`` and Ulysses
-              sequence parallel ``sp`` (``cfg`` parallel guidance is not implemented yet); the rest
-              of the world is data parallel. Checked against the world size and the models' heads
+    parallel  how the ``wan`` job splits each sample across ranks: tensor parallel ``tp``, Ulysses
+              sequence parallel ``sp`` and ``cfg`` (the teacher's conditional / unconditional passes
+              on two ranks, DMD / SiD); the rest of the world is data parallel. Checked against the world size and the models' heads
               before anything is built (wan_job.check_inputs)
     toylab    the toy lab: teacher, data, evaluation (and the per-method budgets of the lab table)
 

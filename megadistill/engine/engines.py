@@ -12,11 +12,13 @@ needs to know about DeepSpeed.
 ``init_distributed`` works under the ``deepspeed`` launcher, ``torchrun`` (both set RANK/WORLD_SIZE)
 and plain ``python`` (it then starts a one-process group itself), with NCCL on GPU and gloo on CPU.
 
-With a ``ParallelMesh`` that splits samples (tp or sp > 1) every engine gets the mesh as DeepSpeed's
-``mpu``: ZeRO then partitions parameters and reduces gradients over the mesh's sequence_data group
-(dp x sp at fixed tp), and never mixes different TP shards. How DeepSpeed 0.19 weighs the SP ranks
-depends on the reduction path (``sequence_parallel_loss_scale``); the trainer scales each rank's loss
-so that every path gives the mean over the dp replicas' samples. Under ZeRO-3 a module
+With a ``ParallelMesh`` that puts several ranks on one sample (tp, sp or cfg > 1) every engine gets the
+mesh as DeepSpeed's ``mpu``: ZeRO then partitions parameters and reduces gradients over the mesh's
+sequence_data group (dp x sp x cfg at fixed tp), never mixes different TP shards, and counts dp alone
+in the batch size. How DeepSpeed 0.19 weighs the SP ranks depends on the reduction path
+(``sequence_parallel_loss_scale``); the trainer scales each rank's loss so that every path gives the
+mean over the dp replicas' samples (both paths average over the cfg ranks, which is right as it is:
+trainer.py). Under ZeRO-3 a module
 not built partitioned is converted with ``deepspeed.zero.Init(module=...)`` over that group before
 ``deepspeed.initialize`` (left to DeepSpeed, it would be partitioned over the dp group alone).
 Full weights (``full_state_dict`` / ``load_full_state_dict``) are gathered / cut across TP as well.
@@ -110,7 +112,8 @@ def model_init_context(ds: Dict[str, Any], mesh=None):
 
 
 def _mpu(mesh):
-    """The mesh as DeepSpeed's mpu when it splits samples (tp or sp > 1), else None (plain data parallel)."""
+    """The mesh as DeepSpeed's mpu when several ranks share a sample (tp, sp or cfg > 1), else None (plain
+    data parallel)."""
     from megadistill.parallel.parallelize import uses_model_parallel
 
     return mesh if uses_model_parallel(mesh) else None
@@ -140,8 +143,9 @@ def sequence_parallel_loss_scale(ds: Dict[str, Any], sp: int) -> float:
     (sequence_parallel.py). DeepSpeed 0.19 (read from the source, measured for ZeRO-3 and ZeRO-2 in
     tests/parallel/test_parallel_training.py):
     - ZeRO-3 with ``reduce_scatter`` (the default): ``reduce_scatter_coalesced`` divides by the size of
-      the whole sequence_data group, i.e. AVERAGES over dp x sp: backpropagate the full loss (1).
-    - stages 0-2: every path divides by (sequence_data size / sp), i.e. SUMS over SP: loss / sp.
+      the whole sequence_data group, i.e. AVERAGES over dp x sp x cfg: backpropagate the full loss (1).
+    - stages 0-2: every path divides by (sequence_data size / sp), i.e. SUMS over SP (and averages over
+      dp x cfg): loss / sp.
     - ZeRO-3 without ``reduce_scatter`` sums over SP for buckets up to ``reduce_bucket_size`` and
       averages for larger ones: no single scale is right, so it is refused.
     """

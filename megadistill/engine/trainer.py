@@ -14,14 +14,19 @@ Seeds: rank 0's seed is broadcast, then python/numpy/torch and the named generat
 seed + rank.
 
 Parallel mesh (``mesh``: a ``parallel.mesh.ParallelMesh``; the method's models already parallelized
-with ``parallel.parallelize.parallelize_wan``): the ranks of one tp x sp group work on ONE sample, so
+with ``parallel.parallelize.parallelize_wan``, the teacher's guided calls split over the cfg group with
+``parallel.cfg_parallel.cfg_parallel``): the ranks of one tp x sp x cfg group work on ONE sample, so
 "rank" above means the data-parallel coordinate: seeds are derived from ``mesh.seed_rank`` (dp rank),
 the DeepSpeed batch counts dp replicas (train_batch_size = micro x accum x dp), and the engines get
 the mesh as mpu (engines.py). Every SP rank computes the full loss (Ulysses gathers the sequence
 before the head); each rank backpropagates it scaled by ``engines.sequence_parallel_loss_scale`` (1
-under ZeRO-3, which averages over dp x sp; 1 / sp under stages 0-2, which sum over sp), so the update
-is exactly the single-process one on the dp replicas' samples. Logged values
-are averaged over all ranks: they are identical within a tp x sp group, so this is the mean over dp.
+under ZeRO-3, which averages over dp x sp x cfg; 1 / sp under stages 0-2, which sum over sp and
+average over dp x cfg), so the update is exactly the single-process one on the dp replicas' samples.
+The two ranks of a cfg group compute the same loss and, summed over the pair, twice the generator /
+critic gradient (identical gradients when the teacher's output is not differentiated; otherwise the
+cfg all-gather's backward hands each rank its branch's share, see cfg_parallel.py): the average over
+cfg that both ZeRO paths take is exactly it, so cfg needs no loss scale of its own. Logged values
+are averaged over all ranks: they are identical within a tp x sp x cfg group, so this is the mean over dp.
 
 Checkpoints every ``save_every`` steps, at the last step, and when SIGTERM / SIGUSR1
 arrives on any rank (SLURM preemption): the current step is finished, everything is saved, and
@@ -178,8 +183,6 @@ class Trainer:
         if clash:
             raise ValueError(f"metadata keys {clash} are reserved for the trainer state")
         self.dist = init_distributed()
-        if mesh is not None and mesh.cfg > 1:
-            raise ValueError("parallel.cfg > 1 is not implemented yet in the trainer")
         # Everything that can be wrong with the configs fails here, before any engine exists.
         ds = load_ds_config(ds_config, train, self.dp_size)
         # What each rank backpropagates per unit of loss (ZeRO's weighting of the SP ranks, see engines.py).
@@ -242,7 +245,7 @@ class Trainer:
 
     @property
     def seed_rank(self) -> int:
-        """The rank per-rank streams are derived from: the dp coordinate, shared by a tp x sp group."""
+        """The rank per-rank streams are derived from: the dp coordinate, shared by a tp x sp x cfg group."""
         return self.mesh.seed_rank if self.mesh is not None else self.dist.rank
 
     @property

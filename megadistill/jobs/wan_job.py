@@ -13,10 +13,14 @@ teacher forcing) on real clean latents (the clean ends of ``wan.data.ode_pairs``
 videos), which uses neither teacher nor critic (the teacher still provides the initial weights and
 the demo evaluation).
 
-Parallelism (``parallel: {tp, sp}``): every rank loads the full models, then ``parallelize_wan`` splits
-generator, critic and teacher over the mesh (tensor parallel, then Ulysses sequence parallel); the
-trainer partitions them with ZeRO over the mesh's sequence_data group. All ranks of one tp x sp group
-work on one sample: the data stream and every per-rank random stream are seeded from the dp rank.
+Parallelism (``parallel: {tp, sp, cfg}``): every rank loads the full models, then ``parallelize_wan``
+splits generator, critic and teacher over the mesh (tensor parallel, then Ulysses sequence parallel);
+the trainer partitions them with ZeRO over the mesh's sequence_data group. With ``cfg: 2`` the frozen
+teacher's guided calls run the conditional pass on one rank of each cfg group and the unconditional
+pass on the other (``teacher_denoiser``); only DMD and SiD with a guidance that is not the identity
+call a guided teacher, so any other cfg = 2 run is refused (``check_parallel``). All ranks of one
+tp x sp x cfg group work on one sample: the data stream and every per-rank random stream are seeded
+from the dp rank. The GAN critic's block features are gathered over the SP group (wan_features.py).
 
 Evaluation (demo teacher): before training, on rank 0, the teacher's ``teacher_steps``-step samples
 (the reference), a second reference set from other noise (the floor of the distance) and the
@@ -47,12 +51,14 @@ from megadistill.experiment import DEMO, ExperimentConfig, WanJobConfig, WanMode
 from megadistill.methods import get_method
 from megadistill.methods.base import DistillBatch
 from megadistill.models.wan import build_wan, load_wan_checkpoint
+from megadistill.parallel.cfg_parallel import cfg_parallel
 from megadistill.parallel.mesh import ParallelMesh
 from megadistill.parallel.parallelize import check_parallel_sizes, parallelize_wan, tensor_parallel_layout
 from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
 
 log = logging.getLogger("megadistill.wan_job")
 CRITIC_METHODS = ("dmd", "sid", "gan")
+GUIDED_TEACHER_METHODS = ("dmd", "sid")  # call the teacher's guided passes (x0_guided) every step
 REAL_DATA_METHODS = ("gan", "causal_diffusion")  # train on real clean latents (see make_batches)
 RESULT_FILE = "result.json"
 
@@ -232,11 +238,18 @@ def generate(job: WanJobConfig, denoiser: WanDenoiser, cond: WanCondition, noise
 
 
 # ---------------------------------------------------------------------------------------- method
+def teacher_denoiser(teacher: nn.Module, mesh: Optional[ParallelMesh] = None):
+    """The frozen teacher as the methods see it: a WanDenoiser whose guided calls (``x0_guided`` /
+    ``flow_guided``) split the conditional and unconditional passes over ``mesh.cfg_group`` when
+    parallel.cfg = 2 (parallel/cfg_parallel.py); the plain WanDenoiser otherwise."""
+    return cfg_parallel(WanDenoiser(teacher), mesh.cfg_group if mesh is not None else None)
+
+
 def build_method(cfg: ExperimentConfig, generator: nn.Module, teacher: nn.Module, critic: nn.Module, rollout,
-                 rng: torch.Generator):
+                 rng: torch.Generator, mesh: Optional[ParallelMesh] = None):
     """The configured method on Wan denoisers (GAN: register heads on the critic's blocks; ODE
     regression: the student's step list, per-block indices for a causal student; causal diffusion:
-    the generator's causal block)."""
+    the generator's causal block; DMD / SiD: the teacher CFG-parallel over ``mesh`` (``teacher_denoiser``))."""
     job, name = cfg.wan, cfg.method.name
     method_cls, _ = get_method(name)
     if name == "causal_diffusion":  # real-data training: no teacher, no critic, no rollout
@@ -255,7 +268,7 @@ def build_method(cfg: ExperimentConfig, generator: nn.Module, teacher: nn.Module
             raise ValueError(f"wan.discriminator_layers {layers}: the critic has {critic.config.num_layers} blocks")
         return method_cls(cfg.method.gan, generator=WanDenoiser(generator),
                           critic=wan_discriminator(WanDenoiser(critic), layers), rollout=rollout, rng=rng)
-    return method_cls(cfg.method.config, generator=WanDenoiser(generator), teacher=WanDenoiser(teacher),
+    return method_cls(cfg.method.config, generator=WanDenoiser(generator), teacher=teacher_denoiser(teacher, mesh),
                       critic=WanDenoiser(critic), rollout=rollout, rng=rng)
 
 
@@ -487,9 +500,8 @@ def check_parallel(cfg: ExperimentConfig) -> int:
     p = cfg.parallel
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_parallel_sizes(p, world_size, model_heads(cfg) if p.tp * p.sp > 1 else {})
-    if p.sp > 1 and cfg.method.name == "gan":
-        raise ValueError("method gan with parallel.sp > 1 is not supported yet: the discriminator's register heads "
-                         "read block hidden states, which sequence parallelism shards by token; use parallel.tp")
+    if p.cfg > 1:
+        check_cfg_parallel(cfg)
     resume = _resume_checkpoint(cfg)
     if resume is not None:
         from megadistill.engine import checkpoint as ckpt
@@ -501,6 +513,25 @@ def check_parallel(cfg: ExperimentConfig) -> int:
             raise ValueError(f"checkpoint {resume} was written with parallel sizes {layout}, this run has {sizes}: "
                              "resume with the same parallel sizes (or set train.resume=false / another run.output_dir)")
     return dp
+
+
+def check_cfg_parallel(cfg: ExperimentConfig) -> None:
+    """parallel.cfg = 2 only where it pays: a method that calls the teacher's guided passes every step
+    with a guidance that is not the identity. Anything else would leave the second rank of every cfg
+    group computing exactly what the first computes (the same sample, one conditional pass each) --
+    half the ranks wasted -- so it is refused, pointing at the ranks' better use (data parallel)."""
+    from megadistill.methods.base import is_unguided
+
+    name = cfg.method.name
+    if name not in GUIDED_TEACHER_METHODS:
+        raise ValueError(f"parallel.cfg=2 splits the teacher's conditional and unconditional passes over two ranks, "
+                         f"but method {name} makes no guided teacher call: set parallel.cfg=1 (the ranks then "
+                         f"train data parallel)")
+    m = cfg.method.config
+    if is_unguided(m.guidance_scale, m.guidance_form):
+        raise ValueError(f"parallel.cfg=2 with method.{name}.guidance_scale={m.guidance_scale} "
+                         f"({m.guidance_form} form): the guidance is the identity, the teacher runs its conditional "
+                         f"pass only, so there is nothing to split: set parallel.cfg=1")
 
 
 def _resume_checkpoint(cfg: ExperimentConfig) -> Optional[str]:
@@ -541,9 +572,9 @@ def run(cfg: ExperimentConfig, ds: dict) -> int:
         if net is not None:
             parallelize_wan(net, mesh)
     rng, rollout_rng = torch.Generator(), torch.Generator()
-    method = build_method(cfg, generator, teacher, critic, build_rollout(job, rollout_rng, rng), rng)
+    method = build_method(cfg, generator, teacher, critic, build_rollout(job, rollout_rng, rng), rng, mesh)
     del teacher  # the method holds it if it uses it (DMD / SiD); otherwise it is freed here
-    # One sample stream per tp x sp group: seeded from the dp coordinate (mesh.rank_seed).
+    # One sample stream per tp x sp x cfg group: seeded from the dp coordinate (mesh.rank_seed).
     data = SeededBatchSource(make_batches(cfg, prompts), mesh.rank_seed(cfg.train.seed, "data"))
     models = {"generator": generator, "critic": critic}
     metadata = {"config": to_dict(cfg), "model_configs": {

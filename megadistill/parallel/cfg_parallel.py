@@ -19,9 +19,15 @@ Gradients: the all_gather is an autograd Function whose backward sums the gather
 over the group and returns this rank's slice, so the gradients reaching x_t on the ranks of a group
 add up to the gradient of the SUM of the ranks' losses. When both ranks backpropagate the same loss
 (what the methods do), the group's x_t gradients therefore average to the single-process gradient --
-and the generator's parameter gradients, which ZeRO averages over the cfg ranks (mesh.py: the
-sequence_data group reduces with a 1 / (dp x cfg) factor), come out exactly as in a single process.
+and the generator's parameter gradients, which ZeRO averages over the cfg ranks (it reduces over the
+sequence_data group: ZeRO-3 divides by dp x sp x cfg, stages 0-2 by dp x cfg; see
+engines.sequence_parallel_loss_scale), come out exactly as in a single process.
 (The teacher's own parameters are frozen; a caller that needs d/dx_t gets it through this path.)
+
+In the trainer the wan job wraps its frozen teacher once (``wan_job.teacher_denoiser``); under ZeRO-3
+the wrapper is the teacher engine's root module and the network's submodules gather their partitions
+as usual: both ranks run one forward each, in the same order. Tested through the trainer against a
+one-process run in tests/parallel/test_parallel_training.py (cfg = 2, dp = 2, ZeRO-3).
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 ``parallelize_wan(model, mesh)`` is the one place that reads the mesh and rewires a WanModel / WanMoE
 (generator, critic and teacher alike): Megatron tensor parallelism over ``mesh.tp_group`` first, which
 leaves each rank num_heads / tp heads, then Ulysses sequence parallelism over ``mesh.sp_group``, which
-splits those heads again around self-attention. Degree-1 dimensions change nothing.
+splits those heads again around self-attention. Degree-1 dimensions change nothing. CFG parallelism
+is no model transform: it wraps the teacher's denoiser (``cfg_parallel.cfg_parallel(denoiser,
+mesh.cfg_group)``, done where the job builds the method).
 
 The trainer exchanges FULL weights with the outside world (checkpoint export, sampling, EMA export,
 loading a full state dict): ``gather_tensor_parallel`` rebuilds full tensors from this rank's TP
@@ -37,18 +39,18 @@ def parallelize_wan(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
 
 def check_parallel_sizes(parallel: ParallelConfig, world_size: int, heads: Mapping[str, int]) -> int:
     """Validate ``parallel`` against the world size and every model's head count before anything is
-    built (``heads``: a model's name in messages -> its num_heads); returns dp. ValueError otherwise."""
-    if parallel.cfg > 1:
-        raise ValueError("parallel.cfg > 1 (the conditional and unconditional teacher passes on two groups) is "
-                         "not implemented yet in the trainer: set parallel.cfg=1")
+    built (``heads``: a model's name in messages -> its num_heads); returns dp. ValueError otherwise.
+    (Whether cfg = 2 pays for a given method is the job's call: ``wan_job.check_parallel``.)"""
     for model, num_heads in heads.items():
         parallel.check(world_size, num_heads, model=model)
     return parallel.check(world_size)
 
 
 def uses_model_parallel(mesh: Optional[ParallelMesh]) -> bool:
-    """True when ``mesh`` splits a sample across ranks (tp or sp > 1): DeepSpeed then needs it as mpu."""
-    return mesh is not None and (mesh.tp > 1 or mesh.sp > 1)
+    """True when ``mesh`` puts several ranks on one sample (tp, sp or cfg > 1): DeepSpeed then needs it as
+    mpu, so that its data-parallel size (the batch arithmetic) counts dp alone while ZeRO partitions and
+    reduces over the sequence_data group (dp x sp x cfg)."""
+    return mesh is not None and (mesh.tp > 1 or mesh.sp > 1 or mesh.cfg > 1)
 
 
 __all__ = ["check_parallel_sizes", "gather_tensor_parallel", "parallelize_wan", "shard_tensor_parallel",

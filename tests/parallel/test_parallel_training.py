@@ -3,11 +3,15 @@
 Distributed (train_sp_worker.py, gloo on CPU, fp32): tiny Wan DMD (teacher + generator + critic,
 bidirectional rollout) through the real Trainer for 3 steps on
 - 4 ranks with ZeRO-3 and sp = 2 (dp = 2), then, in the same process group, ZeRO-3 and tp = 2 (dp = 2)
-  with checkpoints, the same tp = 2 run resumed from its step-2 checkpoint, and ZeRO-2 and sp = 2
-  (DeepSpeed weighs the SP ranks differently under stages 0-2),
+  with checkpoints, the same tp = 2 run resumed from its step-2 checkpoint, ZeRO-2 and sp = 2
+  (DeepSpeed weighs the SP ranks differently under stages 0-2), ZeRO-2 and tp = 2, ZeRO-3 and cfg = 2
+  (dp = 2: the guided teacher's conditional and unconditional passes on the two ranks of a cfg group,
+  through the wan job's ``teacher_denoiser``; ZeRO partitions and averages over dp x cfg), and the GAN
+  method (critic = Wan backbone + register heads on blocks 0 and 1) with ZeRO-2 and sp = 2 (dp = 2: the
+  heads read the block features gathered over the SP group),
 - 1 process accumulating the same 2 samples per update (grad_accum = 2; the samples are defined by
-  their global index, see the worker), with no mesh splitting anything, under ZeRO-3 (checkpointed)
-  and ZeRO-2.
+  their global index, see the worker), with no mesh splitting anything: DMD under ZeRO-3
+  (checkpointed) and ZeRO-2, GAN under ZeRO-2.
 Every logged value of every step (losses, DeepSpeed's gradient norms) and the final, unsharded
 generator, critic and EMA must agree (the EMA under tp = 2 is sharded over the sequence_data group per
 TP shard). The optimizer is scale-sensitive (AdamW with eps = 1), so a wrong weighting of the SP
@@ -16,9 +20,10 @@ DeepSpeed file set per TP rank, EMA shards per (TP rank, sequence_data rank)) me
 the weights the run gathered, which match the one-process checkpoint's merge; resuming it continues the
 run exactly.
 
-CLI: sizes that do not fit the world size or the models' heads, tp > 1 for the toy-lab job, and the
-combinations not implemented yet (cfg > 1, the GAN critic's features under sp > 1) exit with code 2
-before anything is written; tp > 1 with the EMA passes the checks.
+CLI: sizes that do not fit the world size or the models' heads, tp > 1 for the toy-lab job, and
+cfg = 2 where it cannot pay (a method without guided teacher calls, or a guidance that is the identity)
+exit with code 2 before anything is written; cfg = 2 for a guided DMD / SiD teacher and the GAN with
+sp > 1 pass the job's checks.
 """
 import importlib.util
 import json
@@ -38,9 +43,18 @@ _spec.loader.exec_module(ranks)
 RUNS = {"sp2": {"tp": 1, "sp": 2, "ema": True}, "tp2": {"tp": 2, "sp": 1, "ema": True, "checkpoint": "ckpt_tp2"},
         "tp2_resumed": {"tp": 2, "sp": 1, "ema": True, "resume_from": "ckpt_tp2/step_000000002"},
         "sp2_zero2": {"tp": 1, "sp": 2, "ema": False, "stage": 2},
-        "tp2_zero2": {"tp": 2, "sp": 1, "ema": True, "stage": 2, "checkpoint": "ckpt_tp2_zero2"}}
+        "tp2_zero2": {"tp": 2, "sp": 1, "ema": True, "stage": 2, "checkpoint": "ckpt_tp2_zero2"},
+        "cfg2": {"cfg": 2, "ema": True},
+        "gan_sp2_zero2": {"method": "gan", "sp": 2, "ema": False, "stage": 2}}
 COMPARED = [run for run in RUNS if "resume_from" not in RUNS[run]]  # full 3-step runs
 REFERENCE_CHECKPOINT = "ckpt_reference"
+# The 1-process runs (grad_accum 2), in launch order, and which one each parallel run is compared with.
+REFERENCES = {"reference": {"ema": True, "checkpoint": REFERENCE_CHECKPOINT},
+              "reference_zero2": {"ema": True, "stage": 2},
+              "reference_gan_zero2": {"method": "gan", "ema": False, "stage": 2}}
+# The ZeRO-3 runs' layouts (the ZeRO-2 runs are cheaper: ZeRO-3 gathers every module's parameters).
+SIZES = {"sp2": {"tp": 1, "sp": 2, "cfg": 1, "dp": 2}, "tp2": {"tp": 2, "sp": 1, "cfg": 1, "dp": 2},
+         "cfg2": {"tp": 1, "sp": 1, "cfg": 2, "dp": 2}}
 
 
 def _in(tmp: Path, run: dict) -> dict:
@@ -61,13 +75,14 @@ def _launch(tmp: Path, name: str, world: int, grad_accum: int, runs) -> list:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel_training")
-    reference = _launch(tmp, "reference", 1, 2, [_in(tmp, {"ema": True, "checkpoint": REFERENCE_CHECKPOINT}),
-                                                 {"ema": True, "stage": 2}])
+    reference = _launch(tmp, "reference", 1, 2, [_in(tmp, r) for r in REFERENCES.values()])
     parallel = _launch(tmp, "parallel", 4, 1, [_in(tmp, r) for r in RUNS.values()])
-    return {"reference": reference[0], "reference_zero2": reference[1], **dict(zip(RUNS, parallel)), "tmp": tmp}
+    return {**dict(zip(REFERENCES, reference)), **dict(zip(RUNS, parallel)), "tmp": tmp}
 
 
 def _reference(results, run):
+    if RUNS[run].get("method") == "gan":
+        return results["reference_gan_zero2"]
     return results["reference_zero2" if RUNS[run].get("stage") == 2 else "reference"]
 
 
@@ -80,15 +95,17 @@ def _initial_generator():
     return {f"net.{k}": v for k, v in tiny_wan(num_heads=4).state_dict().items()}
 
 
-@pytest.mark.parametrize("run", ["sp2", "tp2"])
+@pytest.mark.parametrize("run", list(SIZES))
 def test_layout_and_zero3_partitioning(results, run):
     res = results[run]
-    expected = {"sp2": {"tp": 1, "sp": 2, "cfg": 1, "dp": 2}, "tp2": {"tp": 2, "sp": 1, "cfg": 1, "dp": 2}}[run]
+    expected = SIZES[run]
     assert res["sizes"] == expected
     assert res["zero3"]
+    assert res["cfg_parallel_teacher"] == (expected["cfg"] == 2)  # the job's teacher_denoiser split the passes
     full = sum(v.numel() for v in res["generator"].values())
     # The TP shard holds every replicated parameter and 1/tp of the sharded ones; ZeRO-3 splits it over
-    # the sequence_data group (dp x sp = 4 ranks for sp = 2, 2 for tp = 2), padding each tensor.
+    # the sequence_data group (dp x sp x cfg = 4 ranks for sp = 2 or cfg = 2, 2 for tp = 2), padding
+    # each tensor.
     tp_numel, group = res["tp_numel"], 4 // expected["tp"]
     assert (tp_numel == full) if expected["tp"] == 1 else (0.5 * full < tp_numel < 0.9 * full)
     assert tp_numel <= res["local_numel"] * group < tp_numel + group * res["num_params"]
@@ -100,7 +117,8 @@ def test_layout_and_zero3_partitioning(results, run):
 def test_per_step_logs_match_one_process(results, run):
     ours, ref = results[run]["history"], _reference(results, run)["history"]
     assert len(ours) == len(ref) == 3
-    assert [h["generator/exit_index"] for h in ref] == [0.0, 2.0, 1.0]  # every rollout depth is exercised
+    if RUNS[run].get("method", "dmd") == "dmd":  # DMD logs the rollout's exit step (the GAN the same, unlogged)
+        assert [h["generator/exit_index"] for h in ref] == [0.0, 2.0, 1.0]  # every rollout depth is exercised
     for step, (a, b) in enumerate(zip(ours, ref)):
         assert a.keys() == b.keys()
         for key in b:
@@ -126,7 +144,7 @@ def test_full_weights_load_into_the_split_model(results, run):
     assert res["critic_reloaded"].keys() == res["generator"].keys()
     for name, w in res["generator"].items():
         assert torch.equal(res["critic_reloaded"][name], w), name
-    assert any(not torch.equal(res["critic"][k], w) for k, w in res["generator"].items())  # a real change
+    assert any(not torch.equal(res["critic_backbone"][k], w) for k, w in res["generator"].items())  # a real change
 
 
 def test_trainer_seeds_per_rank_streams_from_the_dp_coordinate(results):
@@ -208,8 +226,15 @@ def _cli():
     (4, ["parallel.sp=8"], "demo_dmd.yaml",
      ["wan.teacher (demo) has 4 heads: tp x sp must be one of 1, 2, 4, got tp=1 x sp=8 = 8"]),
     (3, ["parallel.sp=2"], "demo_dmd.yaml", ["does not divide the world size 3"]),
-    (2, ["parallel.cfg=2"], "demo_dmd.yaml", ["parallel.cfg > 1", "not implemented yet"]),
-    (2, ["parallel.sp=2", "method.name=gan"], "demo_dmd.yaml", ["method gan with parallel.sp > 1"]),
+    # cfg = 2 where no guided teacher pass exists to split: the second rank would only repeat the first.
+    (2, ["parallel.cfg=2", "method.name=gan"], "demo_dmd.yaml",
+     ["parallel.cfg=2 splits the teacher's conditional and unconditional passes",
+      "method gan makes no guided teacher call"]),
+    (2, ["parallel.cfg=2", "method.dmd.guidance_scale=1.0"], "demo_dmd.yaml",
+     ["parallel.cfg=2 with method.dmd.guidance_scale=1.0 (standard form): the guidance is the identity"]),
+    (2, ["parallel.cfg=2", "method.name=sid", "method.sid.guidance_scale=0.0"], "demo_dmd.yaml",
+     ["method.sid.guidance_scale=0.0 (upstream form): the guidance is the identity"]),
+    (3, ["parallel.cfg=2"], "demo_dmd.yaml", ["tp x sp x cfg = 1 x 1 x 2 = 2 does not divide the world size 3"]),
     (2, ["parallel.tp=2"], "toylab_dmd.yaml", ["parallel: job 'toylab' runs data parallel only"]),
     (2, ["parallel.sp=3"], "demo_dmd.yaml", ["has 4 heads", "tp=1 x sp=3"]),
 ])
@@ -224,6 +249,24 @@ def test_bad_parallel_sizes_exit_2_before_anything_is_written(world, overrides, 
     for text in expected:
         assert text in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("world,overrides,dp", [
+    (4, ["parallel.cfg=2"], 2),  # the demo's DMD: standard CFG 3 on its teacher
+    (4, ["parallel.cfg=2", "method.name=sid"], 2),  # SiD's default: upstream guidance 3
+    (4, ["parallel.cfg=2", "parallel.sp=2", "method.name=sid"], 1),
+    (2, ["parallel.sp=2", "method.name=gan"], 1),  # the critic's features are gathered over SP
+])
+def test_cfg_parallel_and_the_gan_under_sp_pass_the_checks(world, overrides, dp, tmp_path, monkeypatch):
+    """What the job accepts, with the DeepSpeed batch the launcher fills in: dp replicas only (a cfg
+    group, like a tp x sp group, works on one sample)."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cli = _cli()
+    cfg = cli.load_config(cli.ExperimentConfig, str(ROOT / "configs" / "demo_dmd.yaml"),
+                          [f"run.output_dir={tmp_path / 'run'}", *overrides])
+    ds = cli.check_job_inputs(cfg, str(ROOT / "configs" / "zero3.json"))
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * dp
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("saved", [None, {"tp": 1, "sp": 2, "cfg": 1, "dp": 1}])

@@ -5,6 +5,16 @@ such argument, so ``WanFeatureBackbone`` wraps a ``WanDenoiser`` (the critic's t
 and reads the outputs of ``net.blocks[i]`` ([B, L, dim] tokens) with forward hooks that live only for
 the duration of one call. Going through the denoiser gives the critic the same conditioning as the
 generator and the teacher (TI2V: clean image latent on frame 0 with timestep 0; I2V: y and clip_fea).
+
+Sequence parallelism: between the embeddings and the head a block's output is only this rank's token
+shard ([B, n, dim], padded; parallel/sequence_parallel.py). The hooked features are passed through the
+model's own ``token_layout.gather`` -- what the model does to its blocks' output before the head -- so
+the register heads see exactly the single-process [B, L, dim] features on every SP rank, and their
+gradients are weighed as the model's own output's are: the gather's backward is a reduce-scatter
+(sum), so, with the same loss on every SP rank, every parameter's gradient summed over the SP group is
+sp x the single-process one (replicated heads: the full gradient on each rank; blocks: partials), which
+the trainer's loss scale turns into the data-parallel mean (engines.sequence_parallel_loss_scale).
+Single-process, the layout's gather is the identity.
 """
 from __future__ import annotations
 
@@ -59,7 +69,17 @@ class WanFeatureBackbone(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        return flow, [captured[i] for i in layers]
+        net = self.denoiser.net
+        length = num_tokens(x_t.shape, net.config.patch_size)
+        return flow, [net.token_layout.gather(captured[i], length) for i in layers]
+
+
+def num_tokens(latent_shape: Sequence[int], patch_size: Sequence[int]) -> int:
+    """Tokens L of a latent [B, C, F, H, W] patchified by (pt, ph, pw) (the full, unsharded sequence)."""
+    length = 1
+    for size, patch in zip(latent_shape[2:], patch_size):
+        length *= size // patch
+    return length
 
 
 def wan_discriminator(
