@@ -50,6 +50,11 @@ def shard_positions(seq_len: int, sp: int, rank: int, device=None) -> torch.Tens
     return torch.arange(rank * n, (rank + 1) * n, device=device).clamp_(max=seq_len - 1)
 
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn there); setup.py admits torch >= 2.4.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -78,14 +83,14 @@ class _AllGather(torch.autograd.Function):
         ctx.group = group
         x = x.contiguous()
         out = x.new_empty((dist.get_world_size(group) * x.shape[0],) + x.shape[1:])
-        dist.all_gather_single(out, x, group=group)
+        _all_gather_single(out, x, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group),) + grad.shape[1:])
-        dist.reduce_scatter_single(out, grad, group=ctx.group)
+        _reduce_scatter_single(out, grad, group=ctx.group)
         return out, None
 
 
