@@ -92,8 +92,17 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def run(self, fn: Callable[[], None], repeats: int) -> tuple[float, int]:
-        """(median seconds of ``repeats`` runs after one warm-up, peak bytes over the last run)."""
+    def run(self, fn: Callable[[], None], repeats: int) -> tuple[Optional[float], Optional[int]]:
+        """(median seconds of ``repeats`` runs after one warm-up, peak bytes over the last run);
+        (None, None) if the device runs out of memory."""
+        try:
+            return self._run(fn, repeats)
+        except torch.cuda.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            return None, None
+
+    def _run(self, fn: Callable[[], None], repeats: int) -> tuple[float, int]:
         fn()  # warm-up: kernels, compilation, mask caches
         times, peak = [], 0
         for _ in range(repeats):
@@ -167,6 +176,10 @@ def main(argv=None) -> int:
     line("case", "seconds", "TFLOP/s", "MFU", "extra GiB", "planned GiB")
 
     def record(case, seconds, peak, flops, planned, static):
+        if seconds is None:
+            total = torch.cuda.get_device_properties(device).total_memory / GIB
+            line(case, "out of memory", "", "", f"> {total - static / GIB:.1f}", f"{planned / GIB:.2f}")
+            return
         extra = (peak - static) / GIB if device.type == "cuda" else float("nan")
         tflops = flops / seconds / 1e12
         mfu = f"{100 * tflops / peak_tflops:.1f}%" if peak_tflops else "-"
