@@ -135,6 +135,19 @@ def partition_for_zero3(module: nn.Module, ds: Dict[str, Any], mesh=None) -> Non
     deepspeed.zero.Init(module=module, config_dict_or_path=model_ds_config(ds, None), **mesh.zero_init_kwargs())
 
 
+def zero3_partitioner(ds: Dict[str, Any], mesh=None):
+    """``partition`` for parallel.loading.load_wan: under ZeRO-3, partition each block as soon as it is
+    loaded, over the group ``partition_for_zero3`` would use (so no rank ever holds a full model);
+    None under stages 0-2."""
+    if zero_stage(ds) != 3:
+        return None
+    import deepspeed
+
+    _skip_cpu_shm_kernel()
+    config, kwargs = model_ds_config(ds, None), _zero_init_kwargs(mesh)
+    return lambda module: deepspeed.zero.Init(module=module, config_dict_or_path=config, **kwargs)
+
+
 def sequence_parallel_loss_scale(ds: Dict[str, Any], sp: int) -> float:
     """What each rank of an SP group multiplies its (full, identical) loss by before backward, so that
     DeepSpeed's gradient reduction over the sequence_data group yields the mean over dp replicas.

@@ -13,9 +13,11 @@ teacher forcing) on real clean latents (the clean ends of ``wan.data.ode_pairs``
 videos), which uses neither teacher nor critic (the teacher still provides the initial weights and
 the demo evaluation).
 
-Parallelism (``parallel: {tp, sp, cfg}``): every rank loads the full models, then ``parallelize_wan``
-splits generator, critic and teacher over the mesh (tensor parallel, then Ulysses sequence parallel);
-the trainer partitions them with ZeRO over the mesh's sequence_data group. With ``cfg: 2`` the frozen
+Parallelism (``parallel: {tp, sp, cfg}``): Wan checkpoints load on the meta device straight into this
+rank's tensor-parallel shards (``parallel/loading.py``: no random init, no full copy per rank) and,
+under ZeRO-3, each block is partitioned over the mesh's sequence_data group as soon as it is read;
+then ``parallelize_wan`` applies Ulysses sequence parallelism (and splits the demo's small models,
+which load whole). With ``cfg: 2`` the frozen
 teacher's guided calls run the conditional pass on one rank of each cfg group and the unconditional
 pass on the other (``teacher_denoiser``); only DMD and SiD with a guidance that is not the identity
 call a guided teacher, so any other cfg = 2 run is refused (``check_parallel``). All ranks of one
@@ -44,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megadistill.engine.data_source import SeededBatchSource
-from megadistill.engine.engines import full_state_dict, init_distributed, load_full_state_dict
+from megadistill.engine.engines import full_state_dict, init_distributed, load_full_state_dict, zero3_partitioner
 from megadistill.engine.trainer import Trainer
 from megadistill.config import to_dict
 from megadistill.experiment import DEMO, ExperimentConfig, WanJobConfig, WanModelConfig
@@ -53,6 +55,7 @@ from megadistill.methods.base import DistillBatch
 from megadistill.models.wan import build_wan, load_wan_checkpoint
 from megadistill.parallel.cfg_parallel import cfg_parallel
 from megadistill.parallel.mesh import ParallelMesh
+from megadistill.parallel.loading import load_wan
 from megadistill.parallel.parallelize import check_parallel_sizes, parallelize_wan, tensor_parallel_layout
 from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
 
@@ -64,8 +67,11 @@ RESULT_FILE = "result.json"
 
 
 # ---------------------------------------------------------------------------------------- models
-def load_teacher(cfg: WanModelConfig) -> tuple[nn.Module, Optional[dict]]:
-    """The teacher network and, for the demo teacher, its sampling settings."""
+def load_teacher(cfg: WanModelConfig, mesh: Optional[ParallelMesh] = None, dtype: Optional[torch.dtype] = None,
+                 partition=None) -> tuple[nn.Module, Optional[dict]]:
+    """The teacher network and, for the demo teacher, its sampling settings. A Wan preset is built on
+    the meta device and each rank reads only its tensor-parallel shards of the checkpoint
+    (parallel/loading.py): no random init, never the full model on a rank when tp > 1."""
     if cfg.preset == DEMO:
         from megadistill.demo.teacher import load_demo_teacher
 
@@ -73,9 +79,12 @@ def load_teacher(cfg: WanModelConfig) -> tuple[nn.Module, Optional[dict]]:
         if cfg.overrides:
             model = _rebuild(model, **cfg.overrides)
         return model, settings
-    model = build_wan(cfg.preset, **cfg.overrides)
-    load_wan_checkpoint(model, cfg.checkpoint)
-    return model, None
+    return load_wan(cfg.preset, cfg.checkpoint, tp_group=_tp_group(mesh), dtype=dtype, partition=partition,
+                    **cfg.overrides), None
+
+
+def _tp_group(mesh: Optional[ParallelMesh]):
+    return None if mesh is None else mesh.tp_group
 
 
 def _rebuild(model: nn.Module, **overrides) -> nn.Module:
@@ -86,12 +95,17 @@ def _rebuild(model: nn.Module, **overrides) -> nn.Module:
     return new
 
 
-def derive_model(cfg: WanModelConfig, teacher: nn.Module, **mode) -> nn.Module:
-    """Generator / critic: the teacher's architecture and weights unless ``cfg`` names others."""
+def derive_model(cfg: WanModelConfig, teacher_cfg: WanModelConfig, teacher: nn.Module,
+                 mesh: Optional[ParallelMesh] = None, partition=None, **mode) -> nn.Module:
+    """Generator / critic: the teacher's architecture and weights unless ``cfg`` names others. A Wan
+    architecture loads from a checkpoint file (cfg's own, else the teacher's, read again rather than
+    copied from a teacher that may be bf16 and already split) straight into this rank's TP shards."""
     if cfg.preset and cfg.preset != DEMO:  # check_inputs made sure its checkpoint is given
-        model = build_wan(cfg.preset, **{**cfg.overrides, **mode})
-        load_wan_checkpoint(model, cfg.checkpoint)
-        return model
+        return load_wan(cfg.preset, cfg.checkpoint, tp_group=_tp_group(mesh), partition=partition,
+                        **{**cfg.overrides, **mode})
+    if teacher_cfg.preset != DEMO:
+        return load_wan(teacher_cfg.preset, cfg.checkpoint or teacher_cfg.checkpoint, tp_group=_tp_group(mesh),
+                        partition=partition, **{**teacher_cfg.overrides, **cfg.overrides, **mode})
     model = _rebuild(teacher, **{**cfg.overrides, **mode})
     if cfg.checkpoint:
         load_wan_checkpoint(model, cfg.checkpoint)
@@ -552,16 +566,18 @@ def run(cfg: ExperimentConfig, ds: dict) -> int:
     rank = info.rank
     mesh = ParallelMesh(cfg.parallel)
     prompts = encode_prompts(job)  # first: a umT5-XXL encoder is freed before the DiTs load
-    teacher, settings = load_teacher(job.teacher)
-    generator = derive_model(job.generator, teacher, **generator_mode(job))
-    critic = derive_model(job.critic, teacher) if cfg.method.name in CRITIC_METHODS else None
+    partition = zero3_partitioner(ds, mesh)  # ZeRO-3: each block partitioned as soon as it is loaded
+    teacher, settings = load_teacher(job.teacher, mesh, partition=partition)
+    generator = derive_model(job.generator, job.teacher, teacher, mesh, partition, **generator_mode(job))
+    critic = (derive_model(job.critic, job.teacher, teacher, mesh, partition)
+              if cfg.method.name in CRITIC_METHODS else None)
     evaluate = job.eval.enabled and settings is not None
     ev = prepare_eval(teacher, settings, prompts, job) if evaluate and rank == 0 else None
     if evaluate and rank == 0:
         log.info(f"evaluation reference ready: undistilled teacher {len(job.rollout.steps.steps)}-step distance "
                  f"{ev.teacher['feature']:.4f}, floor {ev.floor['feature']:.4f}")
 
-    student = copy.deepcopy(generator) if rank == 0 else None  # plain copy to evaluate in
+    student = copy.deepcopy(generator) if rank == 0 and evaluate else None  # plain copy to evaluate in
     if ev is not None:  # what training starts from: the measure of what distillation changed
         from megadistill.demo.evaluation import compare
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .mesh import ParallelConfig, ParallelMesh
 from .sequence_parallel import apply_sequence_parallel
-from .tensor_parallel import apply_tensor_parallel
+from .tensor_parallel import apply_tensor_parallel, sharded_parameters
 # The full <-> TP-sharded weight helpers live with the TP layers; the trainer reaches them through here.
 from .tensor_parallel import gather_tensor_parallel, shard_tensor_parallel, tensor_parallel_layout
 
@@ -29,10 +29,13 @@ from .tensor_parallel import gather_tensor_parallel, shard_tensor_parallel, tens
 def parallelize_wan(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
     """Tensor then sequence parallelism of ``mesh`` on a WanModel / WanMoE, in place; returns it.
 
-    Load the full weights first (each TP rank keeps its shard of them). Under ZeRO-3 the parallelized
-    module is partitioned afterwards over ``mesh.sequence_data_group`` (engines.build_engines).
+    A model from ``parallel.loading.load_wan(..., tp_group=mesh.tp_group)`` is already split over TP
+    (each rank read only its shards); a full model (the demo's) is split here, each TP rank keeping
+    its shard. Under ZeRO-3 the module is partitioned over ``mesh.sequence_data_group``, while loading
+    (``engines.zero3_partitioner``) or by the engines.
     """
-    apply_tensor_parallel(model, mesh.tp_group)  # no-op for tp = 1
+    if not sharded_parameters(model):
+        apply_tensor_parallel(model, mesh.tp_group)  # no-op for tp = 1
     apply_sequence_parallel(model, mesh.sp_group)  # no-op for sp = 1; splits the tp-local heads
     return model
 

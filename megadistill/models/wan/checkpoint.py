@@ -4,6 +4,9 @@ Reading never touches the model until the whole plan is checked: every model ten
 source with the right shape, and (strict) every checkpoint tensor must be used; otherwise one error
 lists the missing keys, the unexpected keys and the shape mismatches. Tensors are then read one at a
 time (safetensors ``safe_open``, ``torch.load(mmap=True)``), so peak memory stays near the model size.
+The check alone is ``plan_wan_checkpoint`` (against full shapes given by name), and
+``read_planned_tensor`` reads one planned tensor, or one rank's tensor-parallel shard of it from only
+that shard's bytes: parallel/loading.py builds on them to load straight into a meta-device model.
 
 Accepted inputs: ``*.safetensors``, ``*.pth`` / ``*.pt`` / ``*.bin`` / ``*.ckpt``, a sharded
 ``*.index.json`` (``weight_map``), or a directory holding one of those (diffusers and original Wan
@@ -20,7 +23,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Optional, Union
+from typing import Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -154,6 +157,9 @@ def strip_wrappers(keys: Iterable[str]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- reading
 
 
+Index = tuple[slice, ...]
+
+
 class TensorSource:
     """Names, shapes and lazy tensor access of one checkpoint (single file or sharded)."""
 
@@ -161,24 +167,57 @@ class TensorSource:
         self.description = description
         self.shapes: dict[str, tuple[int, ...]] = {}
         self._getters: dict[str, Callable[[], torch.Tensor]] = {}
+        self._slicers: dict[str, Callable[[Index, Optional[torch.dtype]], torch.Tensor]] = {}
 
-    def add(self, name: str, shape, getter: Callable[[], torch.Tensor]):
+    def add(self, name: str, shape, getter: Callable[[], torch.Tensor],
+            slicer: Optional[Callable[[Index, Optional[torch.dtype]], torch.Tensor]] = None):
+        """``slicer(index, dtype)`` reads part of the tensor without reading the rest (default: read it
+        all, then index)."""
         if name in self.shapes:
             raise ValueError(f"{self.description}: tensor {name!r} appears twice")
         self.shapes[name] = tuple(int(s) for s in shape)
         self._getters[name] = getter
+        if slicer is not None:
+            self._slicers[name] = slicer
 
     def get(self, name: str) -> torch.Tensor:
         return self._getters[name]()
+
+    def read(self, name: str, index: Index, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``tensor[index]`` (basic slices, one per leading dim) as a new tensor owning its memory, cast
+        to ``dtype`` in the same copy."""
+        slicer = self._slicers.get(name)
+        return slicer(index, dtype) if slicer is not None else _owned(self.get(name)[index], dtype)
+
+
+def _owned(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A copy of ``t`` (cast to ``dtype``): one new tensor, whatever the cast."""
+    return t.clone() if dtype is None or dtype == t.dtype else t.to(dtype)
+
+
+def _read_safetensors(path: Path, name: str, index: Optional[Index] = None,
+                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """One tensor (or ``tensor[index]``) of a safetensors file, copied out of the file.
+
+    safetensors maps the file and hands out views of that mapping: copy, so the result owns its memory
+    (a model must not depend on the file staying as it is), through a short-lived handle, so the
+    mapping goes away at once: its touched pages count in the resident set for as long as it lives
+    (a handle kept for a whole load doubles the peak)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return _owned(handle.get_tensor(name) if index is None else handle.get_slice(name)[index], dtype)
 
 
 def _add_safetensors(source: TensorSource, path: Path, names: Optional[set] = None):
     from safetensors import safe_open
 
-    handle = safe_open(str(path), framework="pt", device="cpu")
-    for name in handle.keys():
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+    for name, shape in shapes.items():
         if names is None or name in names:
-            source.add(name, handle.get_slice(name).get_shape(), lambda n=name: handle.get_tensor(n))
+            source.add(name, shape, lambda n=name: _read_safetensors(path, n),
+                       lambda index, dtype, n=name: _read_safetensors(path, n, index, dtype))
 
 
 def _load_torch_dict(path: Path) -> dict:
@@ -200,7 +239,7 @@ def _load_torch_dict(path: Path) -> dict:
 def _add_torch(source: TensorSource, path: Path, names: Optional[set] = None):
     for name, tensor in _load_torch_dict(path).items():
         if names is None or name in names:
-            source.add(name, tensor.shape, lambda t=tensor: t)
+            source.add(name, tensor.shape, lambda t=tensor: t, lambda index, dtype, t=tensor: _owned(t[index], dtype))
 
 
 def _add_file(source: TensorSource, path: Path, names: Optional[set] = None):
@@ -340,6 +379,109 @@ def _assign(model: nn.Module, name: str, value: torch.Tensor):
             current.copy_(value)
 
 
+@dataclass
+class LoadPlan:
+    """Where each model tensor comes from, checked against the model's shapes before anything is read.
+
+    ``tensors`` maps a model tensor name to the original unfused names that make it up (three for a
+    fused qkv, concatenated on dim 0); ``entries`` says where each of those is stored.
+    """
+    source: TensorSource
+    key_format: KeyFormat
+    entries: dict[str, _Entry]
+    tensors: dict[str, list[str]]
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full shape of model tensor ``name`` as the checkpoint holds it."""
+        return _joined_shape([self.entries[p].shape for p in self.tensors[name]])
+
+
+def _joined_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """Shape of the dim-0 concatenation of tensors of these shapes (one: its own, also 0-d)."""
+    return shapes[0] if len(shapes) == 1 else (sum(s[0] for s in shapes),) + shapes[0][1:]
+
+
+def plan_wan_checkpoint(shapes: Mapping[str, Sequence[int]], path: Union[str, os.PathLike, TensorSource],
+                        strict: bool = True, model_name: str = "WanModel") -> LoadPlan:
+    """Match a checkpoint against model tensors given by name -> FULL (unsharded) shape.
+
+    Raises ``CheckpointMismatchError`` naming every missing / unexpected key and shape mismatch;
+    ``strict=False`` tolerates missing and unexpected keys (listed in the plan), never wrong shapes.
+    Reads headers only.
+    """
+    source = path if isinstance(path, TensorSource) else open_checkpoint(path)
+    entries, dropped, key_format = _checkpoint_entries(source)
+
+    plan, missing, mismatched, used = {}, [], [], set()
+    for name, shape in shapes.items():
+        shape = tuple(int(s) for s in shape)
+        parts = _sources_for(name)
+        if not all(p in entries for p in parts):
+            missing.append(name)
+            continue
+        used.update(parts)
+        got = _joined_shape([entries[p].shape for p in parts])
+        if any(entries[p].shape[1:] != entries[parts[0]].shape[1:] for p in parts) or got != shape:
+            stored = " + ".join(entries[p].stored for p in parts)
+            mismatched.append(f"{name} (checkpoint {stored}: {list(got)}, model: {list(shape)})")
+            continue
+        plan[name] = parts
+    unexpected = sorted({entries[k].stored for k in set(entries) - used})
+
+    if mismatched or (strict and (missing or unexpected)):
+        lines = [f"checkpoint {source.description} ({key_format} keys) does not match {model_name}:"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): {_fmt(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): {_fmt(unexpected)}")
+        if mismatched:
+            lines.append(f"  shape mismatch ({len(mismatched)}): {_fmt(mismatched)}")
+        raise CheckpointMismatchError("\n".join(lines))
+    return LoadPlan(source, key_format, entries, plan, missing, unexpected)
+
+
+def _read_rows(plan: LoadPlan, parts: list[str], start: int, stop: int, rest: Index,
+               dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Rows [start, stop) of the dim-0 concatenation of ``parts``, later dims indexed by ``rest``."""
+    pieces, offset = [], 0
+    for part in parts:
+        entry = plan.entries[part]
+        rows = entry.shape[0]
+        lo, hi = max(start, offset), min(stop, offset + rows)
+        if lo < hi:
+            base = -offset if entry.chunk is None else entry.chunk * rows - offset  # a third of a stored qkv
+            pieces.append(plan.source.read(entry.stored, (slice(base + lo, base + hi),) + rest, dtype))
+        offset += rows
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def read_planned_tensor(plan: LoadPlan, name: str, dim: Optional[int] = None, rank: int = 0, size: int = 1,
+                        chunks: int = 1, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Model tensor ``name`` as planned (a new tensor, cast to ``dtype`` while it is copied out of the
+    file), or (``dim`` given) only rank ``rank``'s shard of ``size`` along ``dim``, the layout of
+    ``parallel.tensor_parallel.shard`` (``chunks`` equal parts, each split): only the bytes of that
+    shard are read from the file."""
+    full = plan.shape(name)
+    parts = plan.tensors[name]
+    if not full:
+        return _owned(plan.source.get(plan.entries[parts[0]].stored), dtype)
+    if dim is None:
+        return _read_rows(plan, parts, 0, full[0], (), dtype)
+    if full[dim] % (chunks * size):
+        raise ValueError(f"{name}: dim {dim} of size {full[dim]} ({chunks} part(s)) does not split into {size} shards")
+    piece = full[dim] // chunks
+    local = piece // size
+    ranges = [(c * piece + rank * local, c * piece + (rank + 1) * local) for c in range(chunks)]
+    if dim == 0:
+        shards = [_read_rows(plan, parts, lo, hi, (), dtype) for lo, hi in ranges]
+    else:
+        rest = [(slice(None),) * (dim - 1) + (slice(lo, hi),) for lo, hi in ranges]
+        shards = [_read_rows(plan, parts, 0, full[0], r, dtype) for r in rest]
+    return shards[0] if len(shards) == 1 else torch.cat(shards, dim)
+
+
 def load_wan_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict: bool = True) -> LoadResult:
     """Load original- or diffusers-named weights into a WanModel (or a WanMoE from its expert folders).
 
@@ -360,37 +502,12 @@ def load_wan_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict:
                           [f"high_noise_model.{k}" for k in results[0].unexpected]
                           + [f"low_noise_model.{k}" for k in results[1].unexpected])
 
-    source = open_checkpoint(path)
-    entries, dropped, key_format = _checkpoint_entries(source)
-    targets = _model_tensors(model)
-
-    plan, missing, mismatched, used = {}, [], [], set()
-    for name, tensor in targets.items():
-        parts = _sources_for(name)
-        if not all(p in entries for p in parts):
-            missing.append(name)
-            continue
-        used.update(parts)
-        got = (sum(entries[p].shape[0] for p in parts),) + entries[parts[0]].shape[1:]
-        if any(entries[p].shape[1:] != entries[parts[0]].shape[1:] for p in parts) or got != tuple(tensor.shape):
-            stored = " + ".join(entries[p].stored for p in parts)
-            mismatched.append(f"{name} (checkpoint {stored}: {list(got)}, model: {list(tensor.shape)})")
-            continue
-        plan[name] = parts
-    unexpected = sorted({entries[k].stored for k in set(entries) - used})
-
-    if mismatched or (strict and (missing or unexpected)):
-        lines = [f"checkpoint {source.description} ({key_format} keys) does not match {type(model).__name__}:"]
-        if missing:
-            lines.append(f"  missing ({len(missing)}): {_fmt(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected ({len(unexpected)}): {_fmt(unexpected)}")
-        if mismatched:
-            lines.append(f"  shape mismatch ({len(mismatched)}): {_fmt(mismatched)}")
-        raise CheckpointMismatchError("\n".join(lines))
+    shapes = {name: tuple(t.shape) for name, t in _model_tensors(model).items()}
+    planned = plan_wan_checkpoint(shapes, path, strict, type(model).__name__)
+    source, entries = planned.source, planned.entries
 
     stored_cache: dict[str, torch.Tensor] = {}
-    for name, parts in plan.items():
+    for name, parts in planned.tensors.items():
         pieces = []
         for p in parts:
             entry = entries[p]
@@ -405,7 +522,7 @@ def load_wan_checkpoint(model: nn.Module, path: Union[str, os.PathLike], strict:
         _assign(model, name, pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0))
         if len(stored_cache) > 3:
             stored_cache.clear()
-    return LoadResult(key_format, missing, unexpected)
+    return LoadResult(planned.key_format, planned.missing, planned.unexpected)
 
 
 # ---------------------------------------------------------------------------------------------- saving
