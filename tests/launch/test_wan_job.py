@@ -141,12 +141,26 @@ def _tiny_real_setup(tmp_path):
 
 
 def test_real_checkpoint_and_umt5_path(tmp_path):
-    """The path a Wan2.1 config takes, at tiny size: Wan weights from disk, prompts encoded by umT5."""
+    """The path a Wan2.1 config takes, at tiny size: Wan weights from disk, prompts encoded by umT5.
+    Two ranks with parallel.tp=2 (each rank reads only its shards of the checkpoint, ZeRO-3 partitions
+    every block as it loads) log the same losses as one process: the same global batch (dp = 1)."""
     out = tmp_path / "run"
-    stdout = _train(f"run.output_dir={out}", *QUICK, *_tiny_real_setup(tmp_path))
+    setup = _tiny_real_setup(tmp_path)
+    stdout = _train(f"run.output_dir={out}", *QUICK, *setup)
     assert "final:" not in stdout  # evaluation is the demo's; a real run just trains and saves
     state = json.loads(next((out / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     assert state["step"] == 4 and state["model_configs"]["critic"]["num_frame_per_block"] is None
+
+    from megadistill.engine.engines import free_port
+
+    tp_out = tmp_path / "run_tp2"
+    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(TRAIN),
+                           "--ds_config", str(ZERO3), "--config", str(DEMO), f"run.output_dir={tp_out}", *QUICK,
+                           *setup, "parallel.tp=2"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    one, tp2 = _scalars(out / "logs"), _scalars(tp_out / "logs")
+    for tag in ("generator/loss", "critic/loss"):
+        assert len(one[tag]) >= 2 and tp2[tag] == pytest.approx(one[tag], rel=1e-4), tag
 
     # Inference of this student decodes its latents with a Wan VAE folder (wan2.1 layout: z 16, 8x / 4x).
     from megadistill.data.video_io import read_mp4
