@@ -44,7 +44,7 @@ RUNS = {"sp2": {"tp": 1, "sp": 2, "ema": True}, "tp2": {"tp": 2, "sp": 1, "ema":
         "tp2_resumed": {"tp": 2, "sp": 1, "ema": True, "resume_from": "ckpt_tp2/step_000000002"},
         "sp2_zero2": {"tp": 1, "sp": 2, "ema": False, "stage": 2},
         "tp2_zero2": {"tp": 2, "sp": 1, "ema": True, "stage": 2, "checkpoint": "ckpt_tp2_zero2"},
-        "cfg2": {"cfg": 2, "ema": True},
+        "cfg2": {"cfg": 2, "ema": True, "checkpoint": "ckpt_cfg2"},
         "gan_sp2_zero2": {"method": "gan", "sp": 2, "ema": False, "stage": 2}}
 COMPARED = [run for run in RUNS if "resume_from" not in RUNS[run]]  # full 3-step runs
 REFERENCE_CHECKPOINT = "ckpt_reference"
@@ -175,7 +175,7 @@ def merged(results):
     tmp = results["tmp"]
     out = {}
     for run, root in (("tp2", tmp / RUNS["tp2"]["checkpoint"]), ("tp2_zero2", tmp / RUNS["tp2_zero2"]["checkpoint"]),
-                      ("reference", tmp / REFERENCE_CHECKPOINT)):
+                      ("cfg2", tmp / RUNS["cfg2"]["checkpoint"]), ("reference", tmp / REFERENCE_CHECKPOINT)):
         info = merge.read_checkpoint_info(root)
         out[run] = {"info": info, **{m: merge.merged_state_dict(info, m) for m in merge.MODELS}}
     return out
@@ -194,12 +194,13 @@ def test_tp2_checkpoint_holds_one_file_set_per_tp_rank(merged, run):
     assert info.ema["numel"] == merged["reference"]["info"].ema["numel"]
 
 
-@pytest.mark.parametrize("run", ["tp2", "tp2_zero2"])
+@pytest.mark.parametrize("run", ["tp2", "tp2_zero2", "cfg2"])
 @pytest.mark.parametrize("model", ["generator", "ema", "critic"])
-def test_tp2_checkpoint_merges_to_the_unsharded_weights(results, merged, run, model):
-    """Exactly the full weights the tp = 2 run gathered at its last step (the same fp32 masters and
-    EMA values, put together offline), and, within the runs' tolerance, the one-process ZeRO-3 run's
-    merge (ZeRO-2 and ZeRO-3 give the same trajectory: the SP-free tp = 2 runs are compared with it)."""
+def test_parallel_checkpoint_merges_to_the_unsharded_weights(results, merged, run, model):
+    """Exactly the full weights the tp = 2 (or cfg = 2: ZeRO partitions over the cfg pairs too) run
+    gathered at its last step (the same fp32 masters and EMA values, put together offline), and, within
+    the runs' tolerance, the one-process ZeRO-3 run's merge (ZeRO-2 and ZeRO-3 give the same
+    trajectory: the SP-free runs are compared with it)."""
     from megadistill.engine.merge import strip_wrapper
 
     gathered = strip_wrapper(results[run][model])
