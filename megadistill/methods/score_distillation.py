@@ -143,10 +143,15 @@ class ScoreDistillationMethod(DistillationMethod):
         self.rollout = rollout
         self.rng = rng
 
-    def noised(self, x: torch.Tensor, batch_size: int, rollout: Optional[RolloutOutput]):
-        """(x_t, t, eps) for the score evaluation of samples x."""
+    def draw_score_noise(self, x: torch.Tensor, batch_size: int, rollout: Optional[RolloutOutput]):
+        """(t, eps) of one score evaluation of samples x: the only random draws of a score step."""
         t = sample_score_timesteps(self.cfg, batch_size, rollout, self.rng, x.device)
         eps = torch.randn(x.shape, generator=self.rng, dtype=x.dtype, device=x.device)
+        return t, eps
+
+    def noised(self, x: torch.Tensor, batch_size: int, rollout: Optional[RolloutOutput]):
+        """(x_t, t, eps) for the score evaluation of samples x."""
+        t, eps = self.draw_score_noise(x, batch_size, rollout)
         return add_score_noise(self.cfg, x, eps, t), t, eps
 
     def real_x0(self, x_t: torch.Tensor, t: torch.Tensor, batch: DistillBatch) -> torch.Tensor:

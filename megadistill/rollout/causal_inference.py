@@ -110,9 +110,12 @@ class CausalStream:
                                          clip_fea=cond.clip_fea, y=cond.y)
         return self.denoiser.flow_to_x0(v, x, t_b)
 
+    def eps_like(self, x0: torch.Tensor) -> torch.Tensor:
+        """Fresh noise for one re-noising (the stream's only random draw)."""
+        return torch.randn(x0.shape, generator=self.noise_generator, dtype=x0.dtype, device=x0.device)
+
     def renoise(self, x0: torch.Tensor, t: float) -> torch.Tensor:
-        eps = torch.randn(x0.shape, generator=self.noise_generator, dtype=x0.dtype, device=x0.device)
-        return self.schedule.add_noise(x0, eps, self._t(t, x0))
+        return self.schedule.add_noise(x0, self.eps_like(x0), self._t(t, x0))
 
     def denoise(self, noise: torch.Tensor, start: int, exit_index: Optional[int] = None,
                 grad: bool = False) -> torch.Tensor:

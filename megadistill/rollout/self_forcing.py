@@ -187,7 +187,7 @@ class SelfForcingRollout:
         spans = block_spans(n, stream.num_frame_per_block)
         if len(plan.exit_indices) != len(spans) or n % stream.num_frame_per_block:
             raise ValueError(f"plan {plan} does not match whole blocks of {stream.num_frame_per_block} frames")
-        noise = torch.randn((b, c, n, h, w), generator=self.noise_generator, device=batch.device, dtype=batch.dtype)
+        noise = self.initial_noise((b, c, n, h, w), batch)
         window_start = n - self.cfg.num_training_frames
         blocks = []
         for (s, e), exit_index in zip(spans, plan.exit_indices):
@@ -196,6 +196,10 @@ class SelfForcingRollout:
                 stream.refresh(x0, s)
             blocks.append(x0)
         return SelfForcingVideo(blocks, spans, plan, stream)
+
+    def initial_noise(self, shape: Tuple[int, ...], batch: DistillBatch) -> torch.Tensor:
+        """The video's initial noise [B, C, n, H, W] from the per-rank ``noise_generator``."""
+        return torch.randn(shape, generator=self.noise_generator, device=batch.device, dtype=batch.dtype)
 
     def __call__(self, generator: WanDenoiser, batch: DistillBatch, *, grad: bool) -> RolloutOutput:
         nfpb = causal_wan(generator).config.num_frame_per_block
