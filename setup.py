@@ -1,12 +1,10 @@
 """megadistill: distill video diffusion models (Wan2.1/2.2, SeedVR2) into few-step generators."""
 from setuptools import find_packages, setup
 
-# `kernels/` is installed as `megadistill.kernels`: a top-level `kernels` package would clash with an
-# unrelated project of that name on the package index.
+# `kernels/` (Triton sources) is reached as `megadistill.kernels` through that package's __path__
+# (megadistill/kernels/__init__.py); it is not a package itself, so it cannot shadow Hugging Face's
+# `kernels`, a dependency of transformers.
 packages = find_packages(include=["megadistill", "megadistill.*"])
-packages += ["megadistill.kernels"] + [
-    "megadistill.kernels." + p for p in find_packages(where="kernels")
-]
 
 setup(
     name="megadistill",
@@ -16,7 +14,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"megadistill.kernels": "kernels"},
     # The shipped demo teacher (weights + settings JSON) must reach non-editable installs too.
     package_data={"megadistill.demo": ["assets/*"]},
     install_requires=[

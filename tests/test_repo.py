@@ -1,4 +1,4 @@
-"""Repository contracts: CI runs the README's test command verbatim; kernels install as megadistill.kernels."""
+"""Repository contracts: CI runs the README's test command verbatim; kernels/ is megadistill.kernels."""
 import re
 from pathlib import Path
 
@@ -31,7 +31,19 @@ def test_ci_runs_readme_test_command_verbatim():
     assert _quick_start_commands()[1] in ci_lines
 
 
-def test_kernels_package_is_importable_under_megadistill():
+def test_kernels_folder_is_megadistill_kernels_and_shadows_nothing():
+    """``kernels/`` is searched by ``megadistill.kernels``; it is not a top-level package, so with the
+    repository root on sys.path ``import kernels`` still finds Hugging Face's (transformers needs it)."""
+    import importlib.util
+    import sys
+
     import megadistill.kernels as k
 
-    assert Path(k.__file__).resolve().parent == ROOT / "kernels"
+    assert str(ROOT / "kernels") in k.__path__
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec = importlib.util.find_spec("kernels")
+    finally:
+        sys.path.remove(str(ROOT))
+    assert spec is not None and spec.origin is not None and ROOT not in Path(spec.origin).resolve().parents, spec

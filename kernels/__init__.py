@@ -1,1 +1,0 @@
-"""Triton kernels and their torch reference twins (installed as ``megadistill.kernels``)."""
