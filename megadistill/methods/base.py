@@ -4,10 +4,11 @@ Pieces (all small on purpose; the toy MLP and Wan plug into the same ones):
 
 ``Denoiser``
     Wraps a flow-prediction network ``net(x_t, t, cond) -> v`` (v = eps - x0, t in [0, T]).
-    ``flow`` calls the network, ``x0`` converts to a clean-sample prediction in float64 (like
-    upstream) and returns the input dtype, ``x0_guided`` applies CFG in either the standard form
-    (u + s (c - u)) or the upstream form (c + g (c - u)). ``cond`` is opaque to everything here: a
-    class-id tensor for the toy MLP, a dict of text embeddings for Wan.
+    ``flow`` calls the network, ``x0`` converts to a clean-sample prediction x_t - sigma v in
+    float64 and returns the input dtype, ``x0_guided`` applies CFG in either the standard form
+    (u + s (c - u)) or the upstream form (c + g (c - u)). sigma is t / T unless the caller passes
+    the noise level of x_t (``sigma=``, e.g. a grid-snapped one). ``cond`` is opaque to everything
+    here: a class-id tensor for the toy MLP, a dict of text embeddings for Wan.
 
 ``DistillBatch``
     What one optimisation step sees: ``cond`` / ``uncond`` conditions, the per-sample shape of a
@@ -70,23 +71,26 @@ class Denoiser(nn.Module):
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps
 
-    def flow_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # float64 like upstream's _convert_flow_pred_to_x0: at sigma ~ 1 the subtraction cancels.
-        sigma = self.sigma(t).to(x_t.device)
-        return flow_to_x0(v.double(), x_t.double(), _expand_like(sigma, x_t)).to(x_t.dtype)
+    def flow_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                   sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t - sigma v in float64 (at sigma ~ 1 the subtraction cancels), in x_t's dtype; ``sigma``
+        (shape of t) defaults to ``self.sigma(t)``."""
+        sigma = self.sigma(t) if sigma is None else torch.as_tensor(sigma, dtype=torch.float64)
+        return flow_to_x0(v.double(), x_t.double(), _expand_like(sigma.to(x_t.device), x_t)).to(x_t.dtype)
 
-    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        return self.flow_to_x0(self.flow(x_t, t, cond), x_t, t)
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.flow_to_x0(self.flow(x_t, t, cond), x_t, t, sigma)
 
     def x0_guided(
-        self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float, form: str = "standard"
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float, form: str = "standard",
+        sigma: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """CFG on x0 predictions; one conditional call when the guidance is the identity."""
         check_guidance_form(form, "form")
-        x0_c = self.x0(x_t, t, cond)
+        x0_c = self.x0(x_t, t, cond, sigma)
         if is_unguided(scale, form):
             return x0_c
-        x0_u = self.x0(x_t, t, uncond)
+        x0_u = self.x0(x_t, t, uncond, sigma)
         return cfg(x0_c, x0_u, scale) if form == "standard" else cfg_upstream(x0_c, x0_u, scale)
 
     def flow_guided(

@@ -49,7 +49,8 @@ class DMD(ScoreDistillationMethod):
     name = "dmd"
 
     def fake_x0(self, x_t: torch.Tensor, t: torch.Tensor, batch: DistillBatch) -> torch.Tensor:
-        return self.critic.x0_guided(x_t, t, batch.cond, batch.uncond, self.cfg.fake_guidance_scale, "upstream")
+        return self.critic.x0_guided(x_t, t, batch.cond, batch.uncond, self.cfg.fake_guidance_scale, "upstream",
+                                     sigma=self.score_sigma(t, x_t))
 
     def generator_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         out = self.rollout(self.generator, batch, grad=True)

@@ -43,7 +43,7 @@ class SiD(ScoreDistillationMethod):
         out = self.rollout(self.generator, batch, grad=True)
         x = out.samples
         x_t, t, _ = self.noised(x, batch.batch_size, out)
-        x0_fake = self.critic.x0(x_t, t, batch.cond)
+        x0_fake = self.critic.x0(x_t, t, batch.cond, self.score_sigma(t, x_t))
         x0_real = self.real_x0(x_t, t, batch)
         loss = sid_loss(x, x0_real, x0_fake, self.cfg.alpha, out.gradient_mask)
         return loss, logs_to_floats(sid_loss=loss, timestep=t.mean(), exit_index=out.exit_index)

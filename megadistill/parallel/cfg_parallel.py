@@ -96,11 +96,12 @@ class CFGParallelDenoiser(nn.Module):
     def flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, **kwargs) -> torch.Tensor:
         return self.denoiser.flow(x_t, t, cond, **kwargs)
 
-    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-        return self.denoiser.x0(x_t, t, cond)
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.denoiser.x0(x_t, t, cond, sigma)
 
-    def flow_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.denoiser.flow_to_x0(v, x_t, t)
+    def flow_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                   sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.denoiser.flow_to_x0(v, x_t, t, sigma)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         return self.denoiser.sigma(t)
@@ -116,9 +117,9 @@ class CFGParallelDenoiser(nn.Module):
         return combine_guidance(both[0], both[1], scale, form)
 
     def x0_guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float,
-                  form: str = "standard") -> torch.Tensor:
+                  form: str = "standard", sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``Denoiser.x0_guided`` with this rank's pass only (cond on cfg rank 0, uncond on cfg rank 1)."""
-        return self._guided(self.denoiser.x0, x_t, t, cond, uncond, scale, form)
+        return self._guided(lambda x, t_, c: self.denoiser.x0(x, t_, c, sigma), x_t, t, cond, uncond, scale, form)
 
     def flow_guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float,
                     form: str = "standard") -> torch.Tensor:

@@ -101,22 +101,26 @@ class WanDenoiser(Denoiser):
         per_frame, total = self._tokens(x_t)
         return x_t, frame0_token_timesteps(t.expand(x_t.shape[0]), per_frame, total)
 
-    def flow_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def flow_to_x0(self, v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                   sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
         """As Denoiser.flow_to_x0, also for per-frame timesteps t [B, F] (block-causal teacher forcing)."""
         t = torch.as_tensor(t)
         if t.dim() == 2:
             if t.shape != (x_t.shape[0], x_t.shape[2]):
                 raise ValueError(f"per-frame timesteps must be [B, F] = {[x_t.shape[0], x_t.shape[2]]}, got {list(t.shape)}")
             t = t[:, None, :, None, None]  # sigma broadcasts over channels and space
-        return super().flow_to_x0(v, x_t, t)
+            if sigma is not None:
+                sigma = torch.as_tensor(sigma)[:, None, :, None, None]
+        return super().flow_to_x0(v, x_t, t, sigma)
 
     def flow(self, x_t: torch.Tensor, t: torch.Tensor, cond: WanCondition, **kwargs) -> torch.Tensor:
         cond = as_wan_condition(cond)
         x_in, t_in = self.network_inputs(x_t, t, cond)
         return self.net(x_in, t_in, cond.context, cond.clip_fea, cond.y, **kwargs)
 
-    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: WanCondition) -> torch.Tensor:
-        x0 = self.flow_to_x0(self.flow(x_t, t, cond), x_t, t)
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond: WanCondition,
+           sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x0 = self.flow_to_x0(self.flow(x_t, t, cond), x_t, t, sigma)
         return overwrite_first_frame(x0, cond)
 
 
