@@ -3,19 +3,22 @@
 
     python launch/infer.py --checkpoint outputs/demo_dmd/checkpoints --prompt "a red square moving left" \\
         [--prompt ...] [--prompts-file prompts.txt] [--model ema|generator] [--num-frames F] [--seed 0] \\
-        [--vae DIR] [--out outputs/demo_dmd/infer.mp4] [--fps 16]
+        [--vae DIR] [--out outputs/demo_dmd/infer.mp4] [--fps 16] [--refresh clean|noised]
 
 ``--checkpoint`` is a trainer checkpoint (its root or a step_* directory): it records the experiment
 config and the generator's WanConfig, so the student runs exactly as trained: causal streaming (block by
 block with a KV cache; with the model's local window for videos longer than the training window) or
 bidirectional, at the SAME step list (``wan.rollout.steps``), prompts encoded by the run's text encoder.
 ``--num-frames`` (latent frames; default: the training length) may exceed the training window for a
-causal student. The demo's latents are pixels; real Wan latents are decoded with the Wan VAE from a
+causal student. ``--refresh`` (causal students; default: the run's ``wan.rollout.inference_refresh``)
+is what the KV-cache refresh after each block sees: ``clean`` x0, as upstream Self-Forcing's inference
+(use it for students trained upstream), or ``noised`` x0 as in the training rollout. The demo's latents are pixels; real Wan latents are decoded with the Wan VAE from a
 local folder (``--vae``). One MP4 holds the prompts' videos stacked, one per row.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -36,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae", default=None, help="local Wan VAE folder (real Wan latents; not needed for the demo)")
     p.add_argument("--out", default=None, help="output MP4 (default: <run.output_dir>/infer.mp4)")
     p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--refresh", default=None, choices=("clean", "noised"),
+                   help="causal students: the KV-cache refresh input (default: the run's wan.rollout.inference_refresh)")
     return p.parse_args(argv)
 
 
@@ -78,6 +83,8 @@ def main(argv=None) -> int:
         except MergeError as e:
             raise ValueError(str(e)) from None
         job = cfg.wan
+        if args.refresh is not None:
+            job = dataclasses.replace(job, rollout=dataclasses.replace(job.rollout, inference_refresh=args.refresh))
         demo = job.data.text_encoder == "demo"
         if not demo and args.vae is None:
             raise ValueError("this run's latents are Wan VAE latents: pass --vae with a local Wan VAE folder")
@@ -111,7 +118,8 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(cfg.run.output_dir, "infer.mp4")
     write_mp4(out, upscale_nearest(grid, viewable_factor(grid.shape[-2], grid.shape[-1])), fps=args.fps)
     print(f"wrote {out}: {len(prompts)} video(s), {frames} latent frames, {len(job.rollout.steps.steps)} steps "
-          f"({job.rollout.kind}, {used} weights, timesteps {[round(t, 1) for t in job.rollout.steps.timesteps()]})")
+          f"({job.rollout.kind}, {used} weights, timesteps {[round(t, 1) for t in job.rollout.steps.timesteps()]}"
+          + (f", {job.rollout.inference_refresh} cache refresh" if job.rollout.kind == "causal" else "") + ")")
     return 0
 
 

@@ -28,6 +28,7 @@ from megadistill.methods.gan import GANConfig
 from megadistill.methods.ode_regression import ODERegressionConfig
 from megadistill.methods.sid import SiDConfig
 from megadistill.parallel.mesh import ParallelConfig
+from megadistill.rollout.causal_inference import REFRESH_MODES
 from megadistill.rollout.self_forcing import SelfForcingConfig
 from megadistill.rollout.steps import StepListConfig
 from megadistill.toylab.config import ToyLabConfig
@@ -115,7 +116,10 @@ class WanDataConfig:
 class WanRolloutConfig:
     """How the generator produces training samples: ``causal`` (Self-Forcing: block by block with a
     KV cache; the generator runs block-causally with ``num_frame_per_block``) or ``bidirectional``
-    (one clip, Wan2.2 TI2V fork). ``steps`` is also the inference step list."""
+    (one clip, Wan2.2 TI2V fork). ``steps`` is also the inference step list. ``inference_refresh``:
+    what a causal student's cache refresh sees when sampling (evaluation, samples, launch/infer.py):
+    ``noised`` x0 as in the training rollout, or ``clean`` x0 as upstream's inference pipeline (for
+    students trained upstream; rollout/causal_inference.py)."""
 
     kind: str = "causal"
     num_frame_per_block: int = 3
@@ -123,12 +127,18 @@ class WanRolloutConfig:
     sink_size: int = 0
     steps: StepListConfig = field(default_factory=StepListConfig)
     self_forcing: SelfForcingConfig = field(default_factory=SelfForcingConfig)
+    inference_refresh: str = "noised"
 
     def __post_init__(self):
         if self.kind not in ROLLOUT_KINDS:
             raise ValueError(f"kind must be one of {ROLLOUT_KINDS}, got {self.kind!r}")
         if self.num_frame_per_block < 1:
             raise ValueError(f"num_frame_per_block must be >= 1, got {self.num_frame_per_block}")
+        if self.inference_refresh not in REFRESH_MODES:
+            raise ValueError(f"inference_refresh must be one of {REFRESH_MODES}, got {self.inference_refresh!r}")
+        if self.self_forcing.cache_gradient == "upstream" and self.local_attn_size is not None:
+            raise ValueError("self_forcing.cache_gradient 'upstream' reproduces upstream's training cache, which "
+                             "holds every frame and never evicts; with local_attn_size use 'detached'")
 
 
 @dataclass

@@ -245,7 +245,7 @@ def generate(job: WanJobConfig, denoiser: WanDenoiser, cond: WanCondition, noise
         from megadistill.rollout.causal_inference import causal_generate
 
         return causal_generate(denoiser, cond, noise, r.steps, generator,
-                               context_noise=r.self_forcing.context_noise)
+                               context_noise=r.self_forcing.context_noise, refresh=r.inference_refresh)
     from megadistill.rollout.bidirectional import bidirectional_generate
 
     return bidirectional_generate(denoiser, cond, noise, r.steps, generator)

@@ -1,18 +1,20 @@
 """Streaming few-step generation with a block-causal Wan: one block of latent frames at a time.
 
-Per block (Self-Forcing ``CausalInferencePipeline``; the training rollout runs the same code):
+Per block (Self-Forcing's ``CausalInferencePipeline`` and, for training, its rollout; both run this code):
 
     x = noise of the block
     for each step t_i of StepListConfig.timesteps():       the exact list the student trained at
         x0 = x0-prediction of the block at t_i, attending to the KV cache of earlier blocks
         x  = add_noise(x0, fresh eps, t_{i+1})              (not after the last step)
-    refresh: run the block once more at t = context_noise on add_noise(x0, eps, context_noise), so
-             the cache holds keys/values of the (almost) clean block for the blocks that follow
-             (skipped after the last block, which nothing reads; upstream runs it anyway)
+    refresh: run the block once more, told t = context_noise, so the cache holds keys/values of the
+             clean block for the blocks that follow (skipped after the last block, which nothing
+             reads; upstream runs it anyway)
 
-Re-noising snaps to the grid of ``steps.schedule()`` like upstream ``scheduler.add_noise``, so even
-``context_noise = 0`` feeds the refresh x0 blended with sigma ~ 0.005 of noise (upstream behaviour;
-the model is told t = 0).
+The refresh input differs upstream between training and inference: the training rollout feeds
+add_noise(x0, eps, context_noise), which snaps to the grid of ``steps.schedule()`` so that even
+``context_noise = 0`` blends in sigma ~ 0.005 of noise (``refresh="noised"``, the default: what the
+student trained with); the inference pipeline feeds x0 itself (``refresh="clean"``: what a student
+trained upstream is sampled with there).
 
 ``CausalStream`` holds one video's KV caches and does the per-block work (``denoise`` up to an exit
 step, with or without gradient, and ``refresh``); ``causal_generate`` is the inference loop around it
@@ -32,6 +34,10 @@ from megadistill.models.wan.kv_cache import CrossAttnCache, new_kv_cache
 from megadistill.models.wan.model import WanModel
 from megadistill.rollout.steps import StepListConfig
 from megadistill.rollout.wan_denoiser import WanCondition
+
+
+REFRESH_MODES = ("clean", "noised")
+CACHE_GRADIENTS = ("detached", "upstream")
 
 
 def causal_wan(denoiser: Denoiser) -> WanModel:
@@ -72,16 +78,26 @@ class CausalStream:
 
     ``max_frames`` sizes the caches of a model without a local window (with one they hold
     sink_size + local_attn_size frames whatever the length). ``noise_generator`` draws every
-    re-noising eps (per data-parallel rank in training).
+    re-noising eps (per data-parallel rank in training). ``refresh``: ``noised`` or ``clean`` (module
+    docstring); ``cache_gradient``: ``detached`` or ``upstream`` (``KVCache.grad_history``).
     """
 
     def __init__(self, denoiser: Denoiser, cond: WanCondition, steps: StepListConfig, *, batch_size: int,
                  latent_hw: Tuple[int, int], max_frames: int, noise_generator: Optional[torch.Generator] = None,
-                 context_noise: float = 0.0, device: Optional[torch.device] = None):
+                 context_noise: float = 0.0, device: Optional[torch.device] = None, refresh: str = "noised",
+                 cache_gradient: str = "detached"):
         self.net = causal_wan(denoiser)
         check_causal_condition(cond, batch_size, max_frames)
         if not 0.0 <= context_noise <= steps.num_train_timesteps:
             raise ValueError(f"context_noise must lie in [0, {steps.num_train_timesteps}], got {context_noise}")
+        if refresh not in REFRESH_MODES:
+            raise ValueError(f"refresh must be one of {REFRESH_MODES}, got {refresh!r}")
+        if cache_gradient not in CACHE_GRADIENTS:
+            raise ValueError(f"cache_gradient must be one of {CACHE_GRADIENTS}, got {cache_gradient!r}")
+        if cache_gradient == "upstream" and self.net.config.local_attn_size is not None:
+            raise ValueError("cache_gradient 'upstream' reproduces upstream's training cache, which holds every "
+                             "frame and never evicts; a model with a local window needs the detached cache gradient")
+        self.refresh_mode = refresh
         self.denoiser, self.cond = denoiser, cond
         self.timesteps = steps.timesteps()
         self.schedule = steps.schedule()
@@ -92,7 +108,8 @@ class CausalStream:
         if h % ph or w % pw:
             raise ValueError(f"latent size (H, W) = {latent_hw} must be a multiple of the patch size {(ph, pw)}")
         self.frame_seq_len = (h // ph) * (w // pw)
-        self.kv_cache = new_kv_cache(self.net, batch_size, self.frame_seq_len, max_frames=max_frames, device=device)
+        self.kv_cache = new_kv_cache(self.net, batch_size, self.frame_seq_len, max_frames=max_frames, device=device,
+                                     grad_history=cache_gradient == "upstream")
         self.cross_cache = CrossAttnCache()
 
     @property
@@ -134,26 +151,31 @@ class CausalStream:
 
     @torch.no_grad()
     def refresh(self, x0: torch.Tensor, start: int) -> None:
-        """Overwrite the block's cache slot with the keys/values of its (almost) clean prediction."""
-        self.x0(self.renoise(x0.detach(), self.context_noise), self.context_noise, start)
+        """Overwrite the block's cache slot with the keys/values of its clean prediction, told
+        t = context_noise: ``noised`` first re-noises x0 to context_noise (on the grid), ``clean``
+        passes x0 itself."""
+        x = x0.detach() if self.refresh_mode == "clean" else self.renoise(x0.detach(), self.context_noise)
+        self.x0(x, self.context_noise, start)
 
 
 def causal_generate(denoiser: Denoiser, cond: WanCondition, noise: torch.Tensor, steps: StepListConfig,
                     noise_generator: Optional[torch.Generator] = None, context_noise: float = 0.0,
-                    progress: bool = False) -> torch.Tensor:
+                    progress: bool = False, refresh: str = "noised") -> torch.Tensor:
     """Few-step streaming generation: noise [B, C, F, H, W] -> x0 [B, C, F, H, W], block by block.
 
     Every block runs every step of ``steps.timesteps()`` and is then refreshed into the cache at
-    ``context_noise`` (see the module docstring). F is free: without a local window the caches hold
-    F frames, with one they hold sink + window frames. A last block shorter than num_frame_per_block
-    is generated as such. Runs under no_grad.
+    ``context_noise``, ``refresh`` ``noised`` (as the training rollout) or ``clean`` (upstream's
+    inference pipeline; see the module docstring). F is free: without a local window the caches hold F frames,
+    with one they hold sink + window frames. A last block shorter than num_frame_per_block is
+    generated as such. Runs under no_grad.
     """
     if noise.dim() != 5:
         raise ValueError(f"noise must be [B, C, F, H, W], got {list(noise.shape)}")
     b, _, f, h, w = noise.shape
     with torch.no_grad():
         stream = CausalStream(denoiser, cond, steps, batch_size=b, latent_hw=(h, w), max_frames=f,
-                              noise_generator=noise_generator, context_noise=context_noise, device=noise.device)
+                              noise_generator=noise_generator, context_noise=context_noise, device=noise.device,
+                              refresh=refresh)
         spans = block_spans(f, stream.num_frame_per_block)
         blocks = []
         for s, e in tqdm(spans, desc="blocks", disable=not progress):
@@ -164,4 +186,4 @@ def causal_generate(denoiser: Denoiser, cond: WanCondition, noise: torch.Tensor,
     return torch.cat(blocks, dim=2)
 
 
-__all__ = ["CausalStream", "block_spans", "causal_generate", "causal_wan", "check_causal_condition"]
+__all__ = ["CACHE_GRADIENTS", "REFRESH_MODES", "CausalStream", "block_spans", "causal_generate", "causal_wan", "check_causal_condition"]

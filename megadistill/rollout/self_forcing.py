@@ -38,7 +38,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from megadistill.methods.base import DistillBatch, RolloutOutput, nominal_timestep
-from megadistill.rollout.causal_inference import CausalStream, block_spans, causal_wan
+from megadistill.rollout.causal_inference import CACHE_GRADIENTS, CausalStream, block_spans, causal_wan
 from megadistill.rollout.steps import StepListConfig
 from megadistill.rollout.wan_denoiser import WanDenoiser
 
@@ -49,7 +49,9 @@ class SelfForcingConfig:
     (checked when the rollout meets the model). ``min_frames`` / ``max_frames`` (None: equal to
     ``num_training_frames``, resolved by ``frame_range`` and never written back, so a config file that
     changes only ``num_training_frames`` moves them too); ``context_noise`` is the timestep of the
-    cache refresh."""
+    cache refresh; ``cache_gradient``: ``detached`` (cached keys of earlier blocks are constants, the
+    clean refresh under no_grad wrote them) or ``upstream`` (Self-Forcing's in-place cache: later
+    blocks' gradients reach earlier blocks' overwritten noisy exit-step keys; kv_cache.py)."""
 
     num_training_frames: int = 21
     min_frames: Optional[int] = None
@@ -57,6 +59,7 @@ class SelfForcingConfig:
     same_step_across_blocks: bool = True
     last_step_only: bool = False
     context_noise: float = 0.0
+    cache_gradient: str = "detached"
 
     def __post_init__(self):
         lo, hi = self.frame_range()
@@ -76,6 +79,8 @@ class SelfForcingConfig:
                 or self.context_noise < 0:
             raise ValueError(f"context_noise must be a timestep >= 0, got {self.context_noise!r}")
         self.context_noise = float(self.context_noise)
+        if self.cache_gradient not in CACHE_GRADIENTS:
+            raise ValueError(f"cache_gradient must be one of {CACHE_GRADIENTS}, got {self.cache_gradient!r}")
 
     def frame_range(self) -> Tuple[int, int]:
         """(min_frames, max_frames) of the generated videos, defaults resolved."""
@@ -183,7 +188,7 @@ class SelfForcingRollout:
         n, b = plan.num_frames, batch.batch_size
         stream = CausalStream(generator, batch.cond, self.steps, batch_size=b, latent_hw=(h, w), max_frames=n,
                               noise_generator=self.noise_generator, context_noise=self.cfg.context_noise,
-                              device=batch.device)
+                              device=batch.device, cache_gradient=self.cfg.cache_gradient)
         spans = block_spans(n, stream.num_frame_per_block)
         if len(plan.exit_indices) != len(spans) or n % stream.num_frame_per_block:
             raise ValueError(f"plan {plan} does not match whole blocks of {stream.num_frame_per_block} frames")

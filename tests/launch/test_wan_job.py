@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,8 +118,13 @@ def test_demo_job_end_to_end(demo_run):
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     # (60 steps: past the demo's ema_start_step, so the checkpoint holds an EMA and inference prefers it)
-    assert "4 steps (causal, ema weights, timesteps [1000.0, 750.0, 500.0, 250.0])" in proc.stdout
+    assert "4 steps (causal, ema weights, timesteps [1000.0, 750.0, 500.0, 250.0], noised cache refresh)" in proc.stdout
     assert read_mp4(str(tmp_path / "i.mp4")).shape == (12, 8 * 32, 8 * 16, 3)  # x8: the 16-px side to 128
+    proc = subprocess.run([sys.executable, str(infer), "--checkpoint", str(ckpt), "--prompt", "a red square moving left",
+                           "--prompt", "a blue disc moving up", "--num-frames", "12", "--out", str(tmp_path / "c.mp4"),
+                           "--refresh", "clean"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "clean cache refresh" in proc.stdout, proc.stderr[-2000:]
+    assert not np.array_equal(read_mp4(str(tmp_path / "c.mp4")), read_mp4(str(tmp_path / "i.mp4")))
     for bad, message in ((["--num-frames", "10"], "multiple of num_frame_per_block"), ([], "at least one --prompt"),
                          (["--vae", str(tmp_path / "no_vae")], "--vae: folder not found")):
         prompts = [] if not bad else ["--prompt", "a red square moving left"]

@@ -1,9 +1,10 @@
 """Streaming few-step inference with a block-causal Wan against an independent parallel reference.
 
 The reference (``parallel_generate``) never touches a KV cache: for every step of every block it runs
-the parallel block-causal ``model.forward`` on cat(previous blocks re-noised at context_noise, current
-block state) with per-frame timesteps [B, F] and keeps the current block's x0. Both draw the same
-re-noising eps in the same order, so they must agree to float32 round-off.
+the parallel block-causal ``model.forward`` on cat(previous blocks' x0, re-noised at context_noise for
+the ``noised`` refresh or as they are for ``clean``, current block state) with per-frame timesteps
+[B, F] and keeps the current block's x0. Both draw the same re-noising eps in the same order, so they
+must agree to float32 round-off.
 """
 import importlib.util
 from pathlib import Path
@@ -39,7 +40,7 @@ def condition(denoiser, b=2, f=6, seed=1) -> WanCondition:
                         y=torch.randn(b, c.condition_dim, f, H, W, generator=g))
 
 
-def parallel_generate(denoiser, cond, noise, steps, generator, context_noise=0.0, exit_index=None):
+def parallel_generate(denoiser, cond, noise, steps, generator, context_noise=0.0, exit_index=None, refresh="noised"):
     """Block by block with the parallel forward only (see the module docstring); x0 of each block at
     step ``exit_index`` (default: the last step)."""
     model, schedule, timesteps = denoiser.net, steps.schedule(), steps.timesteps()
@@ -64,8 +65,9 @@ def parallel_generate(denoiser, cond, noise, steps, generator, context_noise=0.0
                 eps = torch.randn(x0.shape, generator=generator)
                 x = schedule.add_noise(x0, eps, full(timesteps[i + 1], 1)[:, 0])
         outs.append(x0)
-        eps = torch.randn(x0.shape, generator=generator)
-        context = torch.cat([context, schedule.add_noise(x0, eps, full(context_noise, 1)[:, 0])], dim=2)
+        if refresh == "noised":
+            x0 = schedule.add_noise(x0, torch.randn(x0.shape, generator=generator), full(context_noise, 1)[:, 0])
+        context = torch.cat([context, x0], dim=2)
     return torch.cat(outs, dim=2)
 
 
@@ -74,19 +76,20 @@ def _noise(denoiser, b, f, seed):
     return torch.randn(b, denoiser.net.config.out_dim, f, H, W, generator=g), g
 
 
+@pytest.mark.parametrize("refresh", ["clean", "noised"])
 @pytest.mark.parametrize("preset,frames,nfpb,context_noise", [
     ("tiny-t2v", 6, 2, 0.0),
     ("tiny-t2v", 7, 3, 150.0),  # a shorter last block; a noisy context
     ("tiny-i2v", 4, 2, 0.0),    # y sliced per block, CLIP features in the context cache
 ])
-def test_streaming_equals_parallel_block_causal_forward(preset, frames, nfpb, context_noise):
+def test_streaming_equals_parallel_block_causal_forward(preset, frames, nfpb, context_noise, refresh):
     denoiser = tiny_denoiser(preset, num_frame_per_block=nfpb)
     cond = condition(denoiser, f=frames)
     noise, g = _noise(denoiser, 2, frames, seed=3)
     with torch.no_grad():
-        streamed = causal_generate(denoiser, cond, noise, STEPS, g, context_noise=context_noise)
+        streamed = causal_generate(denoiser, cond, noise, STEPS, g, context_noise=context_noise, refresh=refresh)
         noise, g = _noise(denoiser, 2, frames, seed=3)
-        reference = parallel_generate(denoiser, cond, noise, STEPS, g, context_noise=context_noise)
+        reference = parallel_generate(denoiser, cond, noise, STEPS, g, context_noise=context_noise, refresh=refresh)
     assert streamed.shape == noise.shape
     torch.testing.assert_close(streamed, reference, rtol=1e-5, atol=1e-5)
     # every block matters: the result is not the noise-free x0 of one step, and frames differ
@@ -168,6 +171,7 @@ def test_inference_and_training_run_the_same_step_list(monkeypatch):
 
 
 def test_rollout_with_last_step_only_equals_causal_generate():
+    """The training rollout is inference with the training refresh (x0 re-noised to context_noise)."""
     denoiser = tiny_denoiser(num_frame_per_block=2)
     cond = condition(denoiser)
     cfg = SelfForcingConfig(num_training_frames=6, last_step_only=True, context_noise=50.0)
@@ -175,7 +179,7 @@ def test_rollout_with_last_step_only_equals_causal_generate():
                                  noise_generator=torch.Generator().manual_seed(7))
     out = rollout(denoiser, DistillBatch(cond=cond, batch_size=2, sample_shape=(16, 6, H, W)), grad=False)
     noise, g = _noise(denoiser, 2, 6, seed=7)
-    expected = causal_generate(denoiser, cond, noise, STEPS, g, context_noise=50.0)
+    expected = causal_generate(denoiser, cond, noise, STEPS, g, context_noise=50.0, refresh="noised")
     assert torch.equal(out.samples, expected)
 
 

@@ -39,7 +39,8 @@ the end of its block, plus the first S (sink) frames. With a window the cache ho
 evicts the oldest non-sink frames (upstream Self-Forcing's rollout cache of local_attn_size frames
 holds the sink inside it: upstream (L, S) = ours (L - S, S)). Masks (``block_causal_mask``: dense
 bool for SDPA; a flex_attention BlockMask on CUDA) are cached per geometry (``attention_mask``).
-Cached keys carry no gradient; the current block's do.
+Cached keys carry no gradient, the current block's do (``new_kv_cache(..., grad_history=True)``:
+upstream's in-place cache gradient instead, see kv_cache.py).
 
 VAE and text encoder (thin wrappers over diffusers ``AutoencoderKLWan`` and transformers
 ``UMT5EncoderModel``; local folders only, nothing is downloaded)::

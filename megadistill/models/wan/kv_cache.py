@@ -15,9 +15,16 @@ new block attends to them without recomputing the past. Bookkeeping follows upst
   the cache to that block's end, as long as nothing it could see has been evicted.
 
 Gradients: the buffers hold detached tensors. Within one call the new block's own keys/values stay
-differentiable (the layer attends to cat(cached past, new)); cached past keys carry no gradient,
-which is what the Self-Forcing rollout needs (past blocks are re-written clean under no_grad).
+differentiable (the layer attends to cat(cached past, new)); cached past keys carry no gradient: the
+clean-context refresh that rewrites them runs under no_grad, so they are constants of the graph.
 Under no_grad the new keys are written first and the layer attends to a view of the buffer (no copy).
+
+``grad_history`` reproduces upstream Self-Forcing instead, which writes keys in place into one
+buffer: a write made with gradient stays in the buffer's autograd history after a no_grad write
+(the refresh) has replaced its values, so later blocks' gradients reach the overwritten noisy
+exit-step keys. Here each write made with gradient is kept per buffer slot, and the past a call
+attends to is the buffer's values with the gradient of the last such write to each slot. Upstream's
+training cache never evicts (it holds every frame), so neither may a cache with this history.
 
 Activation checkpointing recomputes a layer call in backward, after later calls have changed the
 buffer, so such a call needs the past exactly as it saw it. Copying it up front costs one copy of the
@@ -47,8 +54,11 @@ class KVCache:
     window_tokens: Optional[int] = None
     global_end_index: int = 0
     local_end_index: int = 0
+    grad_history: bool = False
     # Steps whose snapshot still views the buffer (copy-on-write); gone once their call is freed.
     _views: weakref.WeakSet = field(default_factory=weakref.WeakSet, init=False, repr=False, compare=False)
+    # grad_history: (start, end, k, v) of the last write made with gradient to buffer rows [start, end).
+    _history: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.k.dim() != 4 or self.k.shape != self.v.shape:
@@ -74,6 +84,18 @@ class KVCache:
     def reset(self):
         """Empty the cache (the buffers are reused; stale contents are never read)."""
         self.global_end_index = self.local_end_index = 0
+        self._history = ()
+
+    def record(self, start: int, k: torch.Tensor, v: torch.Tensor):
+        """grad_history: rows [start, start + n) were last written with gradient by k, v [B, n, H, D]."""
+        end = start + k.shape[1]
+        kept = []
+        for s0, e0, hk, hv in self._history:  # a new write hides what it covers of older ones
+            if s0 < start:
+                kept.append((s0, min(e0, start), hk[:, :min(e0, start) - s0], hv[:, :min(e0, start) - s0]))
+            if e0 > end:
+                kept.append((max(s0, end), e0, hk[:, max(s0, end) - s0:], hv[:, max(s0, end) - s0:]))
+        self._history = tuple(sorted(kept + [(start, end, k, v)], key=lambda h: h[0]))
 
     def begin(self, start: int, num_tokens: int, snapshot: bool = False) -> "KVCacheStep":
         """Reserve the slot of tokens [start, start + num_tokens), evicting if needed, and return the
@@ -118,6 +140,9 @@ class KVCache:
         if self.window_tokens is None:
             raise ValueError(f"KVCache full: {self.capacity} tokens hold {self.local_end_index}, cannot add "
                              f"{num_tokens}; allocate more frames (new_kv_cache max_frames) or set a local window")
+        if self.grad_history:
+            raise ValueError("a KVCache with grad_history (upstream cache gradient) cannot evict: upstream's "
+                             "training cache holds every frame; use the detached cache gradient with a local window")
         sink, keep = self.sink_tokens, self.local_end_index - overflow - self.sink_tokens
         self.before_write(sink)
         for buf in (self.k, self.v):  # shift left; clone because source and destination overlap
@@ -131,7 +156,9 @@ class KVCacheStep:
     def __init__(self, cache: KVCache, local_start: int, local_end: int):
         self.cache, self.local_start, self.local_end = cache, local_start, local_end
         self.past = (cache.k[:, :local_start], cache.v[:, :local_start])
+        self.history = tuple(h for h in cache._history if h[0] < local_start)  # immutable: no copy needed
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._recorded: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def own_past(self):
         """Replace the view of the past by a copy (the buffer rows under it are about to change)."""
@@ -147,16 +174,38 @@ class KVCacheStep:
         k, v = k.to(buf_k.dtype), v.to(buf_v.dtype)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             self._pending = (k.detach(), v.detach())  # written by commit(), after the layer call
-            return torch.cat([self.past[0], k], dim=1), torch.cat([self.past[1], v], dim=1)
-        self._pending = None
+            self._recorded = (k, v) if self.cache.grad_history else None
+            past_k, past_v = self._with_history(0), self._with_history(1)
+            return torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+        self._pending = self._recorded = None
         self._write(k, v)
         return buf_k[:, :self.local_end], buf_v[:, :self.local_end]
+
+    def _with_history(self, which: int) -> torch.Tensor:
+        """The past's values, carrying the gradient of the last write with gradient to each row."""
+        past = self.past[which]
+        if not self.history:
+            return past
+        pieces, pos = [], 0
+        for start, end, *kv in self.history:
+            if start > pos:
+                pieces.append(past.new_zeros(past.shape[0], start - pos, *past.shape[2:]))
+            tensor = kv[which][:, :min(end, self.local_start) - start]
+            pieces.append(tensor)
+            pos = start + tensor.shape[1]
+        if pos < self.local_start:
+            pieces.append(past.new_zeros(past.shape[0], self.local_start - pos, *past.shape[2:]))
+        shadow = torch.cat(pieces, dim=1)
+        return past.detach() + (shadow - shadow.detach())
 
     def commit(self):
         """Write the new keys/values into the slot (a no-op when extend() already did)."""
         if self._pending is not None:
             self._write(*self._pending)
             self._pending = None
+        if self._recorded is not None:
+            self.cache.record(self.local_start, *self._recorded)
+            self._recorded = None
 
     def _write(self, k: torch.Tensor, v: torch.Tensor):
         self.cache.before_write(self.local_start)
@@ -170,9 +219,11 @@ class CrossAttnCache:
     """Per-layer context keys/values (text, plus CLIP image for Wan2.1 I2V), computed once per rollout.
 
     Entries computed under no_grad are recomputed (cheap: text_len tokens) by the first call that needs
-    gradients, so the text embedding and cross-attention k/v projections get their gradient; upstream
-    reuses them and silently drops it. Entries computed with grad belong to one autograd graph: use a
-    fresh cache (or ``reset()``) for each rollout, as upstream does.
+    gradients, so the text embedding and cross-attention k/v projections get their gradient. Upstream
+    does the same with gradient checkpointing on (its published configs; it then projects the
+    context in every call); without it, it reuses the no_grad entries and those parameters get no
+    gradient from the rollout. Entries computed with grad belong to one autograd graph: use a fresh
+    cache (or ``reset()``) for each rollout, as upstream does.
     """
 
     layers: list = field(default_factory=list)
@@ -188,7 +239,7 @@ class CrossAttnCache:
 
 
 def new_kv_cache(model: nn.Module, batch_size: int, frame_seq_len: int, max_frames: Optional[int] = None,
-                 dtype: Optional[torch.dtype] = None, device=None) -> list[KVCache]:
+                 dtype: Optional[torch.dtype] = None, device=None, grad_history: bool = False) -> list[KVCache]:
     """Empty per-layer KV caches for ``model`` (a WanModel) and a token grid of ``frame_seq_len`` tokens
     per latent frame ((H / 2) * (W / 2)).
 
@@ -197,7 +248,7 @@ def new_kv_cache(model: nn.Module, batch_size: int, frame_seq_len: int, max_fram
     them is an error. dtype and device default to those of the self-attention projections (under
     autocast, pass the autocast dtype: attention runs in the dtype of the cached values). Each layer
     caches the heads its attention core attends with (``core.cache_heads``: fewer under tensor or
-    sequence parallelism).
+    sequence parallelism). ``grad_history``: the upstream cache gradient (module docstring).
     """
     c = model.config
     ref = model.blocks[0].self_attn.o.weight
@@ -216,5 +267,5 @@ def new_kv_cache(model: nn.Module, batch_size: int, frame_seq_len: int, max_fram
         shape = (batch_size, frames * frame_seq_len, attn.core.cache_heads(attn.num_heads), c.head_dim)
         caches.append(KVCache(torch.zeros(shape, dtype=dtype, device=device),
                               torch.zeros(shape, dtype=dtype, device=device),
-                              sink_tokens=sink * frame_seq_len, window_tokens=window))
+                              sink_tokens=sink * frame_seq_len, window_tokens=window, grad_history=grad_history))
     return caches
