@@ -50,8 +50,8 @@ from megadistill.engine.engines import full_state_dict, init_distributed, load_f
 from megadistill.engine.trainer import Trainer
 from megadistill.config import to_dict
 from megadistill.experiment import DEMO, ExperimentConfig, WanJobConfig, WanModelConfig
-from megadistill.methods import get_method
-from megadistill.methods.base import DistillBatch
+from megadistill.methods import get_method, method_needs
+from megadistill.methods.base import DistillBatch, MethodNeeds
 from megadistill.models.wan import build_wan, load_wan_checkpoint
 from megadistill.parallel.cfg_parallel import cfg_parallel
 from megadistill.parallel.mesh import ParallelMesh
@@ -60,10 +60,12 @@ from megadistill.parallel.parallelize import check_parallel_sizes, parallelize_w
 from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
 
 log = logging.getLogger("megadistill.wan_job")
-CRITIC_METHODS = ("dmd", "sid", "gan")
-GUIDED_TEACHER_METHODS = ("dmd", "sid")  # call the teacher's guided passes (x0_guided) every step
-REAL_DATA_METHODS = ("gan", "causal_diffusion")  # train on real clean latents (see make_batches)
 RESULT_FILE = "result.json"
+
+
+def needs(cfg: ExperimentConfig) -> MethodNeeds:
+    """What the configured method needs (declared by its class)."""
+    return method_needs(cfg.method.name, cfg.method.config)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -323,9 +325,9 @@ def make_batches(cfg: ExperimentConfig, prompts: PromptSet):
     """The batches of the configured method. Real clean latents (GAN critic, causal diffusion): the
     clean ends of ``wan.data.ode_pairs`` when given, else the demo's procedural videos rendered for the
     drawn prompts (the demo's latents are its pixels)."""
-    micro, name, pairs = cfg.train.micro_batch_size, cfg.method.name, cfg.wan.data.ode_pairs
-    needs_real = name in REAL_DATA_METHODS
-    if name == "ode_regression" or (needs_real and pairs):
+    micro, pairs, need = cfg.train.micro_batch_size, cfg.wan.data.ode_pairs, needs(cfg)
+    needs_real = need.real
+    if need.trajectory or (needs_real and pairs):
         return ODEPairBatches(prompts, pairs, micro, cfg.wan.latent_shape, real_only=needs_real,
                               step_list=None if needs_real else cfg.wan.rollout.steps.timesteps())
     return PromptBatches(prompts, cfg.wan, micro, needs_real=needs_real)
@@ -460,19 +462,16 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     exists(job.data.ode_pairs, "data.ode_pairs")
     if job.data.text_encoder != DEMO:
         exists(job.data.text_encoder, "data.text_encoder")
-    if cfg.method.name == "ode_regression" and not job.data.ode_pairs:
-        raise ValueError("method ode_regression needs wan.data.ode_pairs (tools/generate_ode_pairs.py writes them)")
-    if cfg.method.name == "gan" and job.data.text_encoder != DEMO and not job.data.ode_pairs:
-        raise ValueError("method gan needs real latents: set wan.data.ode_pairs (their clean ends are the real "
-                         "data, as in Self-Forcing's GAN) or use the demo data set")
-    if cfg.method.name == "causal_diffusion":
-        if job.rollout.kind != "causal":
-            raise ValueError("method causal_diffusion trains a block-causal generator (the ODE-init stage of a "
-                             f"causal student): set wan.rollout.kind=causal, not {job.rollout.kind!r}")
-        if job.data.text_encoder != DEMO and not job.data.ode_pairs:
-            raise ValueError("method causal_diffusion needs real clean latents: set wan.data.ode_pairs (their "
-                             "clean ends are the data) or use the demo data set")
-    if cfg.method.name in REAL_DATA_METHODS and job.data.text_encoder == DEMO and not job.data.ode_pairs:
+    name, need = cfg.method.name, needs(cfg)
+    if need.trajectory and not job.data.ode_pairs:
+        raise ValueError(f"method {name} needs wan.data.ode_pairs (tools/generate_ode_pairs.py writes them)")
+    if name == "causal_diffusion" and job.rollout.kind != "causal":
+        raise ValueError("method causal_diffusion trains a block-causal generator (the ODE-init stage of a "
+                         f"causal student): set wan.rollout.kind=causal, not {job.rollout.kind!r}")
+    if need.real and job.data.text_encoder != DEMO and not job.data.ode_pairs:
+        raise ValueError(f"method {name} needs real clean latents: set wan.data.ode_pairs (their clean ends are "
+                         "the real data, as in Self-Forcing's GAN) or use the demo data set")
+    if need.real and job.data.text_encoder == DEMO and not job.data.ode_pairs:
         from megadistill.demo.videos import VideoSetConfig
 
         if list(VideoSetConfig().shape) != job.latent_shape:
@@ -500,7 +499,7 @@ def model_heads(cfg: ExperimentConfig) -> Dict[str, int]:
         return wan_config(m.preset, **m.overrides).num_heads
 
     out = {f"wan.teacher ({job.teacher.preset})": heads(job.teacher)}
-    roles = ["generator"] + (["critic"] if cfg.method.name in CRITIC_METHODS else [])
+    roles = ["generator"] + (["critic"] if needs(cfg).critic else [])
     for role in roles:
         m: WanModelConfig = getattr(job, role)
         if m.preset and m.preset != DEMO:
@@ -537,7 +536,7 @@ def check_cfg_parallel(cfg: ExperimentConfig) -> None:
     from megadistill.methods.base import is_unguided
 
     name = cfg.method.name
-    if name not in GUIDED_TEACHER_METHODS:
+    if not needs(cfg).guided_teacher:
         raise ValueError(f"parallel.cfg=2 splits the teacher's conditional and unconditional passes over two ranks, "
                          f"but method {name} makes no guided teacher call: set parallel.cfg=1 (the ranks then "
                          f"train data parallel)")
@@ -570,7 +569,7 @@ def run(cfg: ExperimentConfig, ds: dict) -> int:
     teacher, settings = load_teacher(job.teacher, mesh, partition=partition)
     generator = derive_model(job.generator, job.teacher, teacher, mesh, partition, **generator_mode(job))
     critic = (derive_model(job.critic, job.teacher, teacher, mesh, partition)
-              if cfg.method.name in CRITIC_METHODS else None)
+              if needs(cfg).critic else None)
     evaluate = job.eval.enabled and settings is not None
     ev = prepare_eval(teacher, settings, prompts, job) if evaluate and rank == 0 else None
     if evaluate and rank == 0:

@@ -2,14 +2,15 @@
 
 ``METHODS`` maps a method name to (method class, config dataclass). Every class is constructed as
 ``cls(config, generator=..., teacher=..., critic=..., rollout=..., rng=...)``; methods ignore the
-keywords they do not use.
+keywords they do not use. ``method_needs(name, config)``: what that method needs from a job
+(``MethodNeeds``, declared by the class).
 """
 from __future__ import annotations
 
 from typing import Dict, Tuple, Type
 
 from .apt import APTConfig, APTDistillation
-from .base import DistillationMethod
+from .base import DistillationMethod, MethodNeeds
 from .causal_diffusion import CausalDiffusion, CausalDiffusionConfig
 from .consistency import ConsistencyConfig, ConsistencyDistillation
 from .dmd import DMD, DMDConfig
@@ -34,3 +35,8 @@ def get_method(name: str) -> Tuple[Type[DistillationMethod], type]:
     if name not in METHODS:
         raise ValueError(f"unknown distillation method {name!r}; known: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def method_needs(name: str, config=None) -> MethodNeeds:
+    """What method ``name`` with ``config`` needs from the job (``DistillationMethod.needs``)."""
+    return get_method(name)[0].needs(config)

@@ -40,6 +40,7 @@ the toy lab reports APT at 1 step (see toylab/recipes_adversarial.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -61,7 +62,7 @@ from .adversarial import (
     generator_adversarial_loss,
     lazy_regularization_weight,
 )
-from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, logs_to_floats
+from .base import Denoiser, DistillationMethod, DistillBatch, MethodNeeds, check_guidance_form, logs_to_floats
 
 APT_TARGETS = ("teacher", "real")
 
@@ -122,6 +123,13 @@ class APTDistillation(DistillationMethod):
 
     name = "apt"
     has_critic = True
+    generator_forward = "parallel"
+
+    @classmethod
+    def needs(cls, config: Optional[APTConfig] = None) -> MethodNeeds:
+        """``target: teacher`` runs the guided teacher (or reads stored ODE pairs); ``real`` trains on real samples."""
+        teacher = config is None or config.target == "teacher"
+        return dataclasses.replace(super().needs(config), teacher=teacher, guided_teacher=teacher, real=not teacher)
 
     def __init__(
         self,

@@ -30,6 +30,10 @@ Pieces (all small on purpose; the toy MLP and Wan plug into the same ones):
     ``logs`` a dict of floats. ``has_critic`` says whether the trainer should run critic steps;
     ``generator_parameters()`` / ``critic_parameters()`` are what each optimizer owns. Methods
     that need a notion of the student's inference steps expose ``student_step_list()``.
+    What a method needs from the job (a teacher, its guided passes, a critic, real samples, stored
+    trajectories, how the generator runs) it declares as class attributes, read through
+    ``needs(config)`` (``MethodNeeds``): the jobs, the input checks and the memory planner ask it,
+    never a list of method names.
 """
 from __future__ import annotations
 
@@ -218,11 +222,50 @@ class FewStepRollout:
         return RolloutOutput(samples, t_from, t_to, None, exit_index)
 
 
+GENERATOR_FORWARDS = ("rollout", "parallel")
+
+
+@dataclass(frozen=True)
+class MethodNeeds:
+    """What a method needs from the job. ``teacher``: a frozen teacher is held during training;
+    ``guided_teacher``: its guided (CFG) passes run every step, which ``parallel.cfg`` can split;
+    ``critic``: a trainable critic and critic steps; ``real``: clean samples (``batch.real``);
+    ``trajectory``: stored teacher trajectories (``batch.trajectory``); ``generator_forward``:
+    ``rollout`` (the configured rollout generates the samples) or ``parallel`` (one forward of the
+    generator on inputs the method makes)."""
+
+    teacher: bool
+    guided_teacher: bool
+    critic: bool
+    real: bool
+    trajectory: bool
+    generator_forward: str
+
+    def __post_init__(self):
+        if self.generator_forward not in GENERATOR_FORWARDS:
+            raise ValueError(f"generator_forward must be one of {GENERATOR_FORWARDS}, got {self.generator_forward!r}")
+        if self.guided_teacher and not self.teacher:
+            raise ValueError("guided_teacher needs teacher")
+
+
 class DistillationMethod(abc.ABC):
     """Base of every method; see the module docstring for the contract."""
 
     name: str = "base"
     has_critic: bool = False
+    uses_teacher: bool = False
+    guided_teacher: bool = False
+    needs_real: bool = False
+    needs_trajectory: bool = False
+    generator_forward: str = "rollout"
+
+    @classmethod
+    def needs(cls, config: Any = None) -> MethodNeeds:
+        """What this method needs with ``config`` (the class attributes; a method whose needs depend on
+        its config overrides this)."""
+        return MethodNeeds(teacher=cls.uses_teacher, guided_teacher=cls.guided_teacher, critic=cls.has_critic,
+                           real=cls.needs_real, trajectory=cls.needs_trajectory,
+                           generator_forward=cls.generator_forward)
 
     @abc.abstractmethod
     def generator_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -272,7 +315,7 @@ def logs_to_floats(**values: Any) -> Dict[str, float]:
 
 
 __all__ = [
-    "Denoiser", "DistillBatch", "RolloutOutput", "Rollout", "FewStepRollout", "DistillationMethod",
+    "Denoiser", "DistillBatch", "RolloutOutput", "Rollout", "FewStepRollout", "DistillationMethod", "MethodNeeds",
     "nominal_timestep", "trainable", "freeze", "masked_mean", "per_sample_mean_abs", "logs_to_floats",
     "check_guidance_form", "is_unguided", "GUIDANCE_FORMS",
 ]

@@ -226,6 +226,8 @@ class CausalDiffusion(DistillationMethod):
 
     name = "causal_diffusion"
     has_critic = False
+    needs_real = True
+    generator_forward = "parallel"
 
     def __init__(self, cfg: CausalDiffusionConfig, *, generator: Denoiser, rng: Optional[torch.Generator] = None, **_):
         _check_causal(generator, cfg)

@@ -31,6 +31,7 @@ Inference. Multistep consistency sampling = the few-step re-noising sampler
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -41,7 +42,7 @@ from megadistill.diffusion.flow_match import _expand_like, add_noise_continuous
 from megadistill.diffusion.losses import LOSS_KINDS, distillation_loss
 from megadistill.diffusion.samplers import flow_inference_sigmas
 
-from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, freeze, logs_to_floats
+from .base import Denoiser, DistillationMethod, DistillBatch, MethodNeeds, check_guidance_form, freeze, logs_to_floats
 
 CONSISTENCY_MODES = ("teacher", "data")
 
@@ -97,6 +98,14 @@ class ConsistencyDistillation(DistillationMethod):
 
     name = "consistency"
     has_critic = False
+    needs_real = True
+    generator_forward = "parallel"
+
+    @classmethod
+    def needs(cls, config: Optional[ConsistencyConfig] = None) -> MethodNeeds:
+        """Consistency distillation (``mode: teacher``) runs the guided teacher; training (``data``) none."""
+        teacher = config is None or config.mode == "teacher"
+        return dataclasses.replace(super().needs(config), teacher=teacher, guided_teacher=teacher)
 
     def __init__(
         self,

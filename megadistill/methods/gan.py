@@ -74,6 +74,7 @@ class GANDistillation(DistillationMethod):
 
     name = "gan"
     has_critic = True
+    needs_real = True
 
     def __init__(
         self,

@@ -153,6 +153,8 @@ def ode_regression_loss_per_frame(
 class ODERegression(DistillationMethod):
     name = "ode_regression"
     has_critic = False
+    needs_trajectory = True
+    generator_forward = "parallel"
 
     def __init__(self, cfg: ODERegressionConfig, *, generator: Denoiser, rng: Optional[torch.Generator] = None, **_):
         self.cfg = cfg

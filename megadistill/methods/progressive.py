@@ -99,6 +99,9 @@ def teacher_multistep_target(
 class ProgressiveDistillation(DistillationMethod):
     name = "progressive"
     has_critic = False
+    uses_teacher = guided_teacher = True
+    needs_real = True
+    generator_forward = "parallel"
 
     def __init__(
         self, cfg: ProgressiveConfig, *, generator: Denoiser, teacher: Denoiser,

@@ -165,6 +165,7 @@ class ScoreDistillationMethod(DistillationMethod):
     """Generator vs frozen teacher (real score) and a trainable critic (fake score)."""
 
     has_critic = True
+    uses_teacher = guided_teacher = True
 
     def __init__(
         self,

@@ -745,6 +745,7 @@ def plan_from_experiment(path: str, **fields) -> PlanConfig:
     override or complete it. An empty generator / critic preset is the teacher's (as in the job)."""
     from megadistill.config import load_config
     from megadistill.experiment import DEMO, ExperimentConfig
+    from megadistill.methods import method_needs
 
     exp = load_config(ExperimentConfig, path)
     if exp.job != "wan":
@@ -759,15 +760,15 @@ def plan_from_experiment(path: str, **fields) -> PlanConfig:
     def overrides(m):  # a model without its own preset is rebuilt from the teacher's config (wan_job.derive_model)
         return m.overrides if m.preset else {**wan.teacher.overrides, **m.overrides}
 
-    has_critic = exp.method.name in ("dmd", "sid", "gan")
-    trained = (wan.generator, wan.critic) if has_critic else (wan.generator,)
+    need = method_needs(exp.method.name, exp.method.config)  # what the method class declares
+    trained = (wan.generator, wan.critic) if need.critic else (wan.generator,)
     ckpt = all(bool(overrides(m).get("grad_checkpointing", False)) for m in trained)
     base = dict(
-        generator=preset(wan.generator), critic=preset(wan.critic) if has_critic else None,
-        teacher=preset(wan.teacher) if exp.method.name != "ode_regression" else None,
+        generator=preset(wan.generator), critic=preset(wan.critic) if need.critic else None,
+        teacher=preset(wan.teacher) if need.teacher else None,
         latent=tuple(wan.latent_shape[1:]), frames=None, height=None, width=None,
         batch=exp.train.micro_batch_size, precision=exp.train.precision, grad_checkpointing=ckpt,
-        rollout="parallel" if exp.method.name == "ode_regression" else wan.rollout.kind,
+        rollout="parallel" if need.generator_forward == "parallel" else wan.rollout.kind,
         num_frame_per_block=wan.rollout.num_frame_per_block,
         local_attn_size=wan.rollout.local_attn_size, sink_size=wan.rollout.sink_size,
     )

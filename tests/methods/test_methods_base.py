@@ -116,3 +116,28 @@ def test_toy_mlp_features_and_conditioning():
     torch.testing.assert_close(feats[0], f3[0])
     with pytest.raises(ValueError, match="return_features"):
         net(x, t, cond, return_features=[4])
+
+
+def test_every_method_declares_what_it_needs():
+    """The declarations the jobs and the planner read instead of lists of method names."""
+    from megadistill.methods import METHODS, method_needs
+    from megadistill.methods.apt import APTConfig
+    from megadistill.methods.consistency import ConsistencyConfig
+
+    got = {name: method_needs(name, config_cls()) for name, (_, config_cls) in METHODS.items()}
+    table = {name: (n.teacher, n.guided_teacher, n.critic, n.real, n.trajectory, n.generator_forward)
+             for name, n in got.items()}
+    assert table == {
+        "dmd": (True, True, True, False, False, "rollout"),
+        "sid": (True, True, True, False, False, "rollout"),
+        "gan": (False, False, True, True, False, "rollout"),
+        "ode_regression": (False, False, False, False, True, "parallel"),
+        "causal_diffusion": (False, False, False, True, False, "parallel"),
+        "progressive": (True, True, False, True, False, "parallel"),
+        "apt": (True, True, True, False, False, "parallel"),
+        "consistency": (True, True, False, True, False, "parallel"),
+    }
+    for name, (cls, _) in METHODS.items():
+        assert got[name].critic == cls.has_critic, name
+    assert not method_needs("apt", APTConfig(target="real")).teacher and method_needs("apt", APTConfig(target="real")).real
+    assert not method_needs("consistency", ConsistencyConfig(mode="data")).teacher

@@ -351,3 +351,24 @@ def test_cli_bad_inputs_exit_2(capsys, args, message):
     assert _cli_main()(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_cli_gan_plans_no_resident_teacher(capsys):
+    """The GAN's critic is the teacher's copy; the job frees the teacher, so the plan holds none."""
+    assert _cli_main()(["--config", str(ROOT / "configs/wan2.1_t2v_1.3b_self_forcing_gan.yaml"), "--gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "\ncritic " in out and "\nteacher " not in out and "generator: causal" in out
+
+
+def test_plan_follows_what_the_method_class_declares(tmp_path):
+    """Causal diffusion trains on real latents with one parallel forward, no teacher or critic; DMD
+    keeps its teacher and critic; SiD likewise (plan_from_experiment asks the method classes)."""
+    from megadistill.parallel.memory_plan import plan_from_experiment
+
+    base = (ROOT / "configs/wan2.1_t2v_1.3b_self_forcing_dmd.yaml").read_text()
+    for name, teacher, critic, rollout in (("causal_diffusion", False, False, "parallel"),
+                                           ("dmd", True, True, "causal"), ("sid", True, True, "causal")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(base.replace("  name: dmd\n", f"  name: {name}\n"))
+        plan = plan_from_experiment(str(path))
+        assert (plan.teacher is not None, plan.critic is not None, plan.rollout) == (teacher, critic, rollout), name
