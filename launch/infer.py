@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
     from megadistill.data.video_io import upscale_nearest, viewable_factor, write_mp4
     from megadistill.jobs.wan_job import encode_prompt_list, generate
-    from megadistill.rollout.wan_denoiser import WanDenoiser
+    from megadistill.models.wan.denoiser import WanDenoiser
 
     prompt_set = encode_prompt_list(job, prompts, net.config.text_len)
     c, _, h, w = job.latent_shape

@@ -82,7 +82,7 @@ def _worker(args) -> None:
     if args.path == "zero3":
         return _zero3_worker(args)
     from megadistill.models.wan import build_wan, load_wan_checkpoint
-    from megadistill.parallel.loading import load_wan
+    from megadistill.models.wan.loading import load_wan
     from megadistill.parallel.tensor_parallel import apply_tensor_parallel
 
     dtype = getattr(torch, args.dtype)
@@ -122,7 +122,7 @@ def _zero3_worker(args) -> None:
     import torch
 
     from megadistill.engine.engines import init_distributed
-    from megadistill.parallel.loading import load_wan
+    from megadistill.models.wan.loading import load_wan
 
     init_distributed()
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}

@@ -41,7 +41,7 @@ from megadistill.parallel.memory_plan import (  # noqa: E402
 )
 from megadistill.rollout.self_forcing import SelfForcingConfig, SelfForcingRollout  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser  # noqa: E402
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser  # noqa: E402
 
 CASES = ("bidir", "rollout", "rollout_copy", "flex", "sdpa_mask")
 # Dense bf16 tensor-core peak of the GPUs this is run on (H100 / H200 SXM, from NVIDIA's data sheets).

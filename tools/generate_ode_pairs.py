@@ -49,7 +49,7 @@ from megadistill.engine.merge import load_wan_config  # noqa: E402
 from megadistill.methods.ode_regression import generate_ode_pairs, guided_flow_fn  # noqa: E402
 from megadistill.models.wan import WanConfig, build_wan, load_wan_checkpoint  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser  # noqa: E402
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

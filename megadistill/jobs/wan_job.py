@@ -14,7 +14,7 @@ videos), which uses neither teacher nor critic (the teacher still provides the i
 the demo evaluation).
 
 Parallelism (``parallel: {tp, sp, cfg}``): Wan checkpoints load on the meta device straight into this
-rank's tensor-parallel shards (``parallel/loading.py``: no random init, no full copy per rank) and,
+rank's tensor-parallel shards (``models/wan/loading.py``: no random init, no full copy per rank) and,
 under ZeRO-3, each block is partitioned over the mesh's sequence_data group as soon as it is read;
 then ``parallelize_wan`` applies Ulysses sequence parallelism (and splits the demo's small models,
 which load whole). With ``cfg: 2`` the frozen
@@ -22,7 +22,7 @@ teacher's guided calls run the conditional pass on one rank of each cfg group an
 pass on the other (``teacher_denoiser``); only DMD and SiD with a guidance that is not the identity
 call a guided teacher, so any other cfg = 2 run is refused (``check_parallel``). All ranks of one
 tp x sp x cfg group work on one sample: the data stream and every per-rank random stream are seeded
-from the dp rank. The GAN critic's block features are gathered over the SP group (wan_features.py).
+from the dp rank. The GAN critic's block features are gathered over the SP group (models/wan/discriminator.py).
 
 Evaluation (demo teacher): before training, on rank 0, the teacher's ``teacher_steps``-step samples
 (the reference), a second reference set from other noise (the floor of the distance) and the
@@ -55,9 +55,9 @@ from megadistill.methods.base import DistillBatch, MethodNeeds
 from megadistill.models.wan import build_wan, load_wan_checkpoint
 from megadistill.parallel.cfg_parallel import cfg_parallel
 from megadistill.parallel.mesh import ParallelMesh
-from megadistill.parallel.loading import load_wan
+from megadistill.models.wan.loading import load_wan
 from megadistill.parallel.parallelize import check_parallel_sizes, parallelize_wan, tensor_parallel_layout
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 log = logging.getLogger("megadistill.wan_job")
 RESULT_FILE = "result.json"
@@ -73,7 +73,7 @@ def load_teacher(cfg: WanModelConfig, mesh: Optional[ParallelMesh] = None, dtype
                  partition=None) -> tuple[nn.Module, Optional[dict]]:
     """The teacher network and, for the demo teacher, its sampling settings. A Wan preset is built on
     the meta device and each rank reads only its tensor-parallel shards of the checkpoint
-    (parallel/loading.py): no random init, never the full model on a rank when tp > 1."""
+    (models/wan/loading.py): no random init, never the full model on a rank when tp > 1."""
     if cfg.preset == DEMO:
         from megadistill.demo.teacher import load_demo_teacher
 
@@ -277,7 +277,7 @@ def build_method(cfg: ExperimentConfig, generator: nn.Module, teacher: nn.Module
                                       num_frame_per_block=job.rollout.num_frame_per_block if causal else None)
         return method_cls(ode_cfg, generator=WanDenoiser(generator), rng=rng)
     if name == "gan":
-        from megadistill.models.discriminators.wan_features import wan_discriminator
+        from megadistill.models.wan.discriminator import wan_discriminator
 
         layers = job.discriminator_layers
         if max(layers) >= critic.config.num_layers:

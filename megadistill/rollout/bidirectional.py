@@ -19,7 +19,7 @@ from megadistill.diffusion.samplers import few_step_sample
 from megadistill.methods.base import DistillBatch, FewStepRollout, RolloutOutput
 
 from .steps import StepListConfig
-from .wan_denoiser import WanCondition, WanDenoiser, as_wan_condition
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser, as_wan_condition
 
 
 def first_frame_gradient_mask(num_frames: int, device: Optional[torch.device] = None) -> torch.Tensor:

@@ -33,7 +33,7 @@ from megadistill.methods.base import Denoiser
 from megadistill.models.wan.kv_cache import CrossAttnCache, new_kv_cache
 from megadistill.models.wan.model import WanModel
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanCondition
+from megadistill.models.wan.denoiser import WanCondition
 
 
 REFRESH_MODES = ("clean", "noised")

@@ -40,7 +40,7 @@ import torch
 from megadistill.methods.base import DistillBatch, RolloutOutput, nominal_timestep
 from megadistill.rollout.causal_inference import CACHE_GRADIENTS, CausalStream, block_spans, causal_wan
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanDenoiser
+from megadistill.models.wan.denoiser import WanDenoiser
 
 
 @dataclass

@@ -128,7 +128,7 @@ def test_lazy_regularization_weight_keeps_expected_value():
 
 def test_cat_batch_concatenates_dataclass_conditions_field_by_field():
     from megadistill.methods.adversarial import cat_batch
-    from megadistill.rollout.wan_denoiser import WanCondition
+    from megadistill.models.wan.denoiser import WanCondition
 
     a = WanCondition(torch.randn(2, 3, 4), first_frame=torch.randn(2, 5, 1, 2, 2))
     b = WanCondition(torch.randn(1, 3, 4), first_frame=torch.randn(1, 5, 1, 2, 2))

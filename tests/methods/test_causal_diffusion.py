@@ -13,7 +13,7 @@ from megadistill.methods.causal_diffusion import (
     CausalDiffusion, CausalDiffusionConfig, causal_diffusion_loss, eligible_timesteps,
 )
 from megadistill.models.wan import build_wan
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 B, C, F, H, W = 3, 4, 6, 4, 4
 NFPB = 2

@@ -1,4 +1,4 @@
-"""Meta-device loading (parallel/loading.py) against today's path, build_wan + load_wan_checkpoint
+"""Meta-device loading (models/wan/loading.py) against today's path, build_wan + load_wan_checkpoint
 (+ apply_tensor_parallel): every parameter and buffer identical (values, dtypes, requires_grad, TP
 attributes) for original / diffusers names, single / sharded / .pth files, separate and stored fused
 qkv, the A14B experts, bf16; every TP shard read from the file equal to ``shard`` of the full tensor;
@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from megadistill.models.wan import CheckpointMismatchError, build_wan
 from megadistill.models.wan.checkpoint import plan_wan_checkpoint, read_planned_tensor
-from megadistill.parallel import loading
-from megadistill.parallel.loading import load_wan, load_wan_checkpoint_into_meta
+from megadistill.models.wan import loading
+from megadistill.models.wan.loading import load_wan, load_wan_checkpoint_into_meta
 from megadistill.parallel.tensor_parallel import shard
 
 HERE = Path(__file__).resolve().parent

@@ -12,7 +12,7 @@ import torch
 from megadistill.models.wan import build_wan
 from megadistill.rollout.causal_inference import causal_generate
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 
 def partition_like_zero3(model: torch.nn.Module) -> None:

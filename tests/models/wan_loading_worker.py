@@ -96,7 +96,7 @@ def zero3_partitioned_while_loading(root: Path) -> dict:
     import deepspeed
 
     from megadistill.engine.engines import build_frozen
-    from megadistill.parallel.loading import load_wan_checkpoint_into_meta
+    from megadistill.models.wan.loading import load_wan_checkpoint_into_meta
 
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     model = build_wan("tiny-t2v", text_len=TEXT_LEN, device="meta")
@@ -129,7 +129,7 @@ def main(ckpt_dir: str, out_dir: str) -> None:
 
     from megadistill.engine.engines import init_distributed
     from megadistill.models.wan.checkpoint import CheckpointMismatchError
-    from megadistill.parallel.loading import load_wan
+    from megadistill.models.wan.loading import load_wan
     from megadistill.parallel.tensor_parallel import sharded_parameters
 
     torch.set_num_threads(1)

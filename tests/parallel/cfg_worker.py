@@ -22,7 +22,7 @@ import time
 import torch
 
 from megadistill.models.wan import build_wan
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 BATCH, FRAMES, LATENT_HW, TEXT_LEN = 2, 3, 4, 8
 

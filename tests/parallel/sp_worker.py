@@ -112,7 +112,7 @@ def generate(model) -> torch.Tensor:
     ``causal_steps`` case: 4 denoising steps per block with re-noising draws, cache refresh between blocks."""
     from megadistill.rollout.causal_inference import causal_generate
     from megadistill.rollout.steps import StepListConfig
-    from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+    from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
     _, inputs = make_case("causal_steps")
     return causal_generate(WanDenoiser(model), WanCondition(inputs["context"]), inputs["x"], StepListConfig(),

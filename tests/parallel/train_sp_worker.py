@@ -46,13 +46,13 @@ from megadistill.jobs.wan_job import build_rollout, teacher_denoiser  # noqa: E4
 from megadistill.methods.base import DistillBatch  # noqa: E402
 from megadistill.methods.dmd import DMD, DMDConfig  # noqa: E402
 from megadistill.methods.gan import GANConfig, GANDistillation  # noqa: E402
-from megadistill.models.discriminators.wan_features import wan_discriminator  # noqa: E402
+from megadistill.models.wan.discriminator import wan_discriminator  # noqa: E402
 from megadistill.models.wan import build_wan  # noqa: E402
 from megadistill.parallel.cfg_parallel import CFGParallelDenoiser  # noqa: E402
 from megadistill.parallel.mesh import ParallelConfig, ParallelMesh  # noqa: E402
 from megadistill.parallel.parallelize import parallelize_wan  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser  # noqa: E402
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser  # noqa: E402
 
 LATENT = (16, 3, 6, 6)  # [C, F, H, W]: 3 x 3 x 3 = 27 tokens with patch (1, 2, 2)
 TEXT_LEN, STEPS = 8, 3

@@ -2,7 +2,7 @@
 import torch
 
 from megadistill.models.wan import build_wan
-from megadistill.rollout.wan_denoiser import WanDenoiser
+from megadistill.models.wan.denoiser import WanDenoiser
 
 
 def tiny_denoiser(preset="tiny-t2v", seed=0, **overrides) -> WanDenoiser:

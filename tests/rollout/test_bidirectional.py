@@ -16,7 +16,7 @@ from megadistill.methods.sid import SiD, SiDConfig
 from megadistill.models.wan import build_wan
 from megadistill.rollout.bidirectional import BidirectionalRollout, bidirectional_generate, first_frame_gradient_mask
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 B, F, H, W = 2, 3, 4, 4
 
@@ -191,7 +191,7 @@ def test_critic_denoising_loss_leaves_out_the_masked_conditioning_frame():
     from megadistill.methods.score_distillation import critic_denoising_loss
     from megadistill.models.wan import build_wan
     from megadistill.rollout.bidirectional import first_frame_gradient_mask
-    from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+    from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
     torch.manual_seed(0)
     critic = WanDenoiser(build_wan("tiny-ti2v", text_len=8))

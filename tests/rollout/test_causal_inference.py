@@ -18,7 +18,7 @@ from megadistill.models.wan import build_wan
 from megadistill.rollout.causal_inference import CausalStream, causal_generate
 from megadistill.rollout.self_forcing import RolloutPlan, SelfForcingConfig, SelfForcingRollout
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 _spec = importlib.util.spec_from_file_location("rollout_fixtures", Path(__file__).parent / "rollout_fixtures.py")
 _fixtures = importlib.util.module_from_spec(_spec)

@@ -20,11 +20,11 @@ from megadistill.methods.ode_regression import (
 )
 from megadistill.methods.score_distillation import add_score_noise, critic_denoising_loss, sample_score_timesteps
 from megadistill.methods.sid import SiD, SiDConfig
-from megadistill.models.discriminators.wan_features import WanFeatureBackbone, wan_discriminator
+from megadistill.models.wan.discriminator import WanFeatureBackbone, wan_discriminator
 from megadistill.models.wan import build_wan
 from megadistill.rollout.bidirectional import BidirectionalRollout
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 B, F, H, W = 2, 3, 4, 4
 PRESETS = {"t2v": "tiny-t2v", "ti2v": "tiny-ti2v", "i2v": "tiny-i2v"}

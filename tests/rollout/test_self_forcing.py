@@ -14,7 +14,7 @@ from megadistill.methods.base import DistillBatch, FewStepRollout, masked_mean
 from megadistill.models.wan import CrossAttnCache, new_kv_cache
 from megadistill.rollout.self_forcing import RolloutPlan, SelfForcingConfig, SelfForcingRollout
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanCondition
+from megadistill.models.wan.denoiser import WanCondition
 
 _spec = importlib.util.spec_from_file_location("rollout_fixtures", Path(__file__).parent / "rollout_fixtures.py")
 _fixtures = importlib.util.module_from_spec(_spec)

@@ -17,7 +17,7 @@ from megadistill.methods.base import DistillBatch
 from megadistill.methods.ode_regression import ODERegression, ODERegressionConfig
 from megadistill.models.wan import build_wan, save_wan_checkpoint
 from megadistill.rollout.steps import StepListConfig
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("generate_ode_pairs_cli", ROOT / "tools" / "generate_ode_pairs.py")

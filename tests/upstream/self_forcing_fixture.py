@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from megadistill.models.wan import build_wan
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
 FIXTURE = Path(__file__).parent / "fixtures" / "self_forcing_33593df"
 

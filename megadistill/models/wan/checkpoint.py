@@ -6,7 +6,7 @@ lists the missing keys, the unexpected keys and the shape mismatches. Tensors ar
 time (safetensors ``safe_open``, ``torch.load(mmap=True)``), so peak memory stays near the model size.
 The check alone is ``plan_wan_checkpoint`` (against full shapes given by name), and
 ``read_planned_tensor`` reads one planned tensor, or one rank's tensor-parallel shard of it from only
-that shard's bytes: parallel/loading.py builds on them to load straight into a meta-device model.
+that shard's bytes: models/wan/loading.py builds on them to load straight into a meta-device model.
 
 Accepted inputs: ``*.safetensors``, ``*.pth`` / ``*.pt`` / ``*.bin`` / ``*.ckpt``, a sharded
 ``*.index.json`` (``weight_map``), or a directory holding one of those (diffusers and original Wan

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from megadistill.models.wan.model import WanModel
-from megadistill.rollout.wan_denoiser import WanDenoiser, as_wan_condition
+from megadistill.models.wan.denoiser import WanDenoiser, as_wan_condition
 
-from .discriminator import Discriminator
-from .register_heads import RegisterHeads, RegisterHeadsConfig
+from megadistill.models.discriminators.discriminator import Discriminator
+from megadistill.models.discriminators.register_heads import RegisterHeads, RegisterHeadsConfig
 
 
 class WanFeatureBackbone(nn.Module):

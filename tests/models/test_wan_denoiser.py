@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megadistill.models.wan import build_wan
-from megadistill.rollout.wan_denoiser import WanCondition, WanDenoiser, as_wan_condition
+from megadistill.models.wan.denoiser import WanCondition, WanDenoiser, as_wan_condition
 
 B, F, H, W = 2, 3, 4, 4
 TOKENS_PER_FRAME = (H // 2) * (W // 2)
