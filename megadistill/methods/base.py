@@ -97,6 +97,11 @@ class Denoiser(nn.Module):
         x0_u = self.x0(x_t, t, uncond, sigma)
         return cfg(x0_c, x0_u, scale) if form == "standard" else cfg_upstream(x0_c, x0_u, scale)
 
+    def generated_mask(self, cond: Any, samples: torch.Tensor) -> Optional[torch.Tensor]:
+        """bool, broadcastable to ``samples``: the elements the generator produces, leaving out those a
+        condition pins (e.g. a first frame given as an image); None = all of them."""
+        return None
+
     def flow_guided(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: Any, uncond: Any, scale: float, form: str = "standard"
     ) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Streaming few-step generation with a block-causal Wan: one block of latent frames at a time.
+"""Streaming few-step generation with a block-causal denoiser: one block of latent frames at a time.
 
 Per block (Self-Forcing's ``CausalInferencePipeline`` and, for training, its rollout; both run this code):
 
@@ -24,32 +24,17 @@ frames and evict the oldest ones, exactly what the windowed block-causal mask sh
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
 from megadistill.methods.base import Denoiser
-from megadistill.models.wan.kv_cache import CrossAttnCache, new_kv_cache
-from megadistill.models.wan.model import WanModel
+from megadistill.rollout.causal_denoiser import as_causal
 from megadistill.rollout.steps import StepListConfig
-from megadistill.models.wan.denoiser import WanCondition
-
 
 REFRESH_MODES = ("clean", "noised")
 CACHE_GRADIENTS = ("detached", "upstream")
-
-
-def causal_wan(denoiser: Denoiser) -> WanModel:
-    """The block-causal WanModel behind ``denoiser`` (clear error for anything else)."""
-    net = denoiser.net
-    if not isinstance(net, WanModel):
-        raise ValueError(f"causal generation needs a WanModel as denoiser.net, got {type(net).__name__} "
-                         "(WanMoE has no KV-cache step)")
-    if not net.config.is_causal:
-        raise ValueError("causal generation needs a block-causal WanModel: set config.num_frame_per_block "
-                         "(e.g. build_wan(..., num_frame_per_block=3))")
-    return net
 
 
 def block_spans(num_frames: int, num_frame_per_block: int) -> List[Tuple[int, int]]:
@@ -59,72 +44,49 @@ def block_spans(num_frames: int, num_frame_per_block: int) -> List[Tuple[int, in
     return [(s, min(s + num_frame_per_block, num_frames)) for s in range(0, num_frames, num_frame_per_block)]
 
 
-def check_causal_condition(cond: WanCondition, batch_size: int, num_frames: int) -> None:
-    if not isinstance(cond, WanCondition):
-        raise ValueError(f"cond must be a WanCondition, got {type(cond).__name__}")
-    if cond.batch_size != batch_size:
-        raise ValueError(f"condition has batch {cond.batch_size}, latents have {batch_size}")
-    if cond.first_frame is not None:
-        # TI2V puts a clean frame 0 with per-token timestep 0 inside the first block; the causal
-        # rollout would have to give that block mixed timesteps in every step and the refresh.
-        raise ValueError("first_frame (Wan2.2 TI2V) conditioning is not supported by causal generation; "
-                         "use the bidirectional rollout")
-    if cond.y is not None and cond.y.shape[2] < num_frames:
-        raise ValueError(f"the I2V condition y covers {cond.y.shape[2]} latent frames, {num_frames} are generated")
-
-
 class CausalStream:
-    """One video being generated block by block: the KV caches and the per-block denoising steps.
+    """One video being generated block by block: the denoiser's cache and the per-block denoising steps.
 
-    ``max_frames`` sizes the caches of a model without a local window (with one they hold
-    sink_size + local_attn_size frames whatever the length). ``noise_generator`` draws every
-    re-noising eps (per data-parallel rank in training). ``refresh``: ``noised`` or ``clean`` (module
-    docstring); ``cache_gradient``: ``detached`` or ``upstream`` (``KVCache.grad_history``).
+    ``denoiser`` is a ``CausalDenoiser`` (causal_denoiser.py); ``sample_shape`` (C, F, H, W) with F the
+    most frames the stream generates (a model with a local window caches only its window).
+    ``noise_generator`` draws every re-noising eps (per data-parallel rank in training). ``refresh``:
+    ``noised`` or ``clean`` (module docstring); ``cache_gradient``: ``detached`` or ``upstream``
+    (``KVCache.grad_history``).
     """
 
-    def __init__(self, denoiser: Denoiser, cond: WanCondition, steps: StepListConfig, *, batch_size: int,
-                 latent_hw: Tuple[int, int], max_frames: int, noise_generator: Optional[torch.Generator] = None,
+    def __init__(self, denoiser: Denoiser, cond: Any, steps: StepListConfig, *, batch_size: int,
+                 sample_shape: Tuple[int, int, int, int], noise_generator: Optional[torch.Generator] = None,
                  context_noise: float = 0.0, device: Optional[torch.device] = None, refresh: str = "noised",
                  cache_gradient: str = "detached"):
-        self.net = causal_wan(denoiser)
-        check_causal_condition(cond, batch_size, max_frames)
+        self.denoiser = as_causal(denoiser)
+        if len(sample_shape) != 4:
+            raise ValueError(f"sample_shape must be (C, F, H, W), got {tuple(sample_shape)}")
+        self.denoiser.check_causal(cond, tuple(sample_shape), batch_size)
         if not 0.0 <= context_noise <= steps.num_train_timesteps:
             raise ValueError(f"context_noise must lie in [0, {steps.num_train_timesteps}], got {context_noise}")
         if refresh not in REFRESH_MODES:
             raise ValueError(f"refresh must be one of {REFRESH_MODES}, got {refresh!r}")
         if cache_gradient not in CACHE_GRADIENTS:
             raise ValueError(f"cache_gradient must be one of {CACHE_GRADIENTS}, got {cache_gradient!r}")
-        if cache_gradient == "upstream" and self.net.config.local_attn_size is not None:
-            raise ValueError("cache_gradient 'upstream' reproduces upstream's training cache, which holds every "
-                             "frame and never evicts; a model with a local window needs the detached cache gradient")
-        self.refresh_mode = refresh
-        self.denoiser, self.cond = denoiser, cond
+        self.refresh_mode, self.cond = refresh, cond
         self.timesteps = steps.timesteps()
         self.schedule = steps.schedule()
         self.noise_generator = noise_generator
         self.context_noise = float(context_noise)
-        _, ph, pw = self.net.config.patch_size
-        h, w = latent_hw
-        if h % ph or w % pw:
-            raise ValueError(f"latent size (H, W) = {latent_hw} must be a multiple of the patch size {(ph, pw)}")
-        self.frame_seq_len = (h // ph) * (w // pw)
-        self.kv_cache = new_kv_cache(self.net, batch_size, self.frame_seq_len, max_frames=max_frames, device=device,
-                                     grad_history=cache_gradient == "upstream")
-        self.cross_cache = CrossAttnCache()
+        _, frames, h, w = sample_shape
+        self.cache = self.denoiser.new_causal_cache(batch_size, (h, w), frames, device, cache_gradient)
 
     @property
     def num_frame_per_block(self) -> int:
-        return self.net.config.num_frame_per_block
+        return self.denoiser.causal_block_frames()
 
     def _t(self, value: float, x: torch.Tensor) -> torch.Tensor:
         return torch.full((x.shape[0],), value, dtype=torch.float64, device=x.device)
 
     def x0(self, x: torch.Tensor, t: float, start: int) -> torch.Tensor:
         """x0 prediction of the block x (frames [start, start + Fb)) at timestep t, written to the cache."""
-        cond = self.cond.frames(start, start + x.shape[2])
         t_b = self._t(t, x)
-        v = self.net.forward_causal_step(x, t_b, cond.context, self.kv_cache, self.cross_cache, start_frame=start,
-                                         clip_fea=cond.clip_fea, y=cond.y)
+        v = self.denoiser.causal_flow(x, t_b, self.cond, self.cache, start)
         return self.denoiser.flow_to_x0(v, x, t_b)
 
     def eps_like(self, x0: torch.Tensor) -> torch.Tensor:
@@ -158,7 +120,7 @@ class CausalStream:
         self.x0(x, self.context_noise, start)
 
 
-def causal_generate(denoiser: Denoiser, cond: WanCondition, noise: torch.Tensor, steps: StepListConfig,
+def causal_generate(denoiser: Denoiser, cond: Any, noise: torch.Tensor, steps: StepListConfig,
                     noise_generator: Optional[torch.Generator] = None, context_noise: float = 0.0,
                     progress: bool = False, refresh: str = "noised") -> torch.Tensor:
     """Few-step streaming generation: noise [B, C, F, H, W] -> x0 [B, C, F, H, W], block by block.
@@ -173,7 +135,7 @@ def causal_generate(denoiser: Denoiser, cond: WanCondition, noise: torch.Tensor,
         raise ValueError(f"noise must be [B, C, F, H, W], got {list(noise.shape)}")
     b, _, f, h, w = noise.shape
     with torch.no_grad():
-        stream = CausalStream(denoiser, cond, steps, batch_size=b, latent_hw=(h, w), max_frames=f,
+        stream = CausalStream(denoiser, cond, steps, batch_size=b, sample_shape=tuple(noise.shape[1:]),
                               noise_generator=noise_generator, context_noise=context_noise, device=noise.device,
                               refresh=refresh)
         spans = block_spans(f, stream.num_frame_per_block)
@@ -186,4 +148,4 @@ def causal_generate(denoiser: Denoiser, cond: WanCondition, noise: torch.Tensor,
     return torch.cat(blocks, dim=2)
 
 
-__all__ = ["CACHE_GRADIENTS", "REFRESH_MODES", "CausalStream", "block_spans", "causal_generate", "causal_wan", "check_causal_condition"]
+__all__ = ["CACHE_GRADIENTS", "REFRESH_MODES", "CausalStream", "block_spans", "causal_generate"]

@@ -37,10 +37,10 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from megadistill.methods.base import DistillBatch, RolloutOutput, nominal_timestep
-from megadistill.rollout.causal_inference import CACHE_GRADIENTS, CausalStream, block_spans, causal_wan
+from megadistill.methods.base import Denoiser, DistillBatch, RolloutOutput, nominal_timestep
+from megadistill.rollout.causal_denoiser import as_causal
+from megadistill.rollout.causal_inference import CACHE_GRADIENTS, CausalStream, block_spans
 from megadistill.rollout.steps import StepListConfig
-from megadistill.models.wan.denoiser import WanDenoiser
 
 
 @dataclass
@@ -169,24 +169,22 @@ class SelfForcingRollout:
 
     # ---------------------------------------------------------------------------------- rollout
 
-    def _check_batch(self, generator: WanDenoiser, batch: DistillBatch) -> Tuple[int, int, int]:
-        net = causal_wan(generator)
+    def _check_batch(self, batch: DistillBatch) -> Tuple[int, int, int]:
         if len(batch.sample_shape) != 4:
             raise ValueError(f"batch.sample_shape must be (C, F, H, W), got {batch.sample_shape}")
         c, f, h, w = batch.sample_shape
-        if c != net.config.out_dim:
-            raise ValueError(f"batch.sample_shape has {c} channels, the model generates {net.config.out_dim}")
         max_frames = self.cfg.frame_range()[1]
         if f != max_frames:
             raise ValueError(f"batch.sample_shape has {f} frames; it must be max_frames = {max_frames} "
                              "(the largest video a call can generate)")
         return c, h, w
 
-    def run(self, generator: WanDenoiser, batch: DistillBatch, plan: RolloutPlan, *, grad: bool) -> SelfForcingVideo:
-        """Generate the video of ``plan`` (see the module docstring, steps 2-3)."""
-        c, h, w = self._check_batch(generator, batch)
+    def run(self, generator: Denoiser, batch: DistillBatch, plan: RolloutPlan, *, grad: bool) -> SelfForcingVideo:
+        """Generate the video of ``plan`` (see the module docstring, steps 2-3); ``generator`` is a
+        ``CausalDenoiser``."""
+        c, h, w = self._check_batch(batch)
         n, b = plan.num_frames, batch.batch_size
-        stream = CausalStream(generator, batch.cond, self.steps, batch_size=b, latent_hw=(h, w), max_frames=n,
+        stream = CausalStream(generator, batch.cond, self.steps, batch_size=b, sample_shape=(c, n, h, w),
                               noise_generator=self.noise_generator, context_noise=self.cfg.context_noise,
                               device=batch.device, cache_gradient=self.cfg.cache_gradient)
         spans = block_spans(n, stream.num_frame_per_block)
@@ -206,8 +204,8 @@ class SelfForcingRollout:
         """The video's initial noise [B, C, n, H, W] from the per-rank ``noise_generator``."""
         return torch.randn(shape, generator=self.noise_generator, device=batch.device, dtype=batch.dtype)
 
-    def __call__(self, generator: WanDenoiser, batch: DistillBatch, *, grad: bool) -> RolloutOutput:
-        nfpb = causal_wan(generator).config.num_frame_per_block
+    def __call__(self, generator: Denoiser, batch: DistillBatch, *, grad: bool) -> RolloutOutput:
+        nfpb = as_causal(generator).causal_block_frames()
         plan = self.draw_plan(nfpb)
         out = self.run(generator, batch, plan, grad=grad)
         window = self.cfg.num_training_frames

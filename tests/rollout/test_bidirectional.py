@@ -14,7 +14,8 @@ from megadistill.methods.base import DistillBatch, freeze
 from megadistill.methods.dmd import DMD, DMDConfig
 from megadistill.methods.sid import SiD, SiDConfig
 from megadistill.models.wan import build_wan
-from megadistill.rollout.bidirectional import BidirectionalRollout, bidirectional_generate, first_frame_gradient_mask
+from megadistill.models.wan.denoiser import first_frame_gradient_mask
+from megadistill.rollout.bidirectional import BidirectionalRollout, bidirectional_generate
 from megadistill.rollout.steps import StepListConfig
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
@@ -190,7 +191,6 @@ def test_gradient_mask_needs_two_frames():
 def test_critic_denoising_loss_leaves_out_the_masked_conditioning_frame():
     from megadistill.methods.score_distillation import critic_denoising_loss
     from megadistill.models.wan import build_wan
-    from megadistill.rollout.bidirectional import first_frame_gradient_mask
     from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import megadistill.rollout.causal_inference as causal_inference
+import megadistill.models.wan.denoiser as wan_denoiser
 from megadistill.methods.base import DistillBatch
 from megadistill.models.wan import build_wan
 from megadistill.rollout.causal_inference import CausalStream, causal_generate
@@ -121,8 +121,8 @@ def test_local_window_streams_past_the_window_with_a_bounded_cache(monkeypatch):
         caches.append(new_kv_cache(*args, **kwargs))
         return caches[-1]
 
-    new_kv_cache = causal_inference.new_kv_cache
-    monkeypatch.setattr(causal_inference, "new_kv_cache", recording_new_kv_cache)
+    new_kv_cache = wan_denoiser.new_kv_cache
+    monkeypatch.setattr(wan_denoiser, "new_kv_cache", recording_new_kv_cache)
     cond = condition(denoiser, f=frames)
     noise, g = _noise(denoiser, 2, frames, seed=5)
     with torch.no_grad():
@@ -202,5 +202,5 @@ def test_causal_generation_errors():
     with pytest.raises(ValueError, match="batch 1"):
         causal_generate(causal, condition(causal, b=1), noise, STEPS)
     with pytest.raises(ValueError, match="context_noise"):
-        CausalStream(causal, condition(causal), STEPS, batch_size=2, latent_hw=(H, W), max_frames=4,
+        CausalStream(causal, condition(causal), STEPS, batch_size=2, sample_shape=(16, 4, H, W),
                      context_noise=-1.0)

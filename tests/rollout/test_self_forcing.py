@@ -236,11 +236,11 @@ def test_cache_refresh_writes_the_clean_context(context_noise):
 
     expected = fresh_keys(clean, t_ctx)
     noisy = fresh_keys(noise[:, :, :2], torch.full((2,), STEPS.timesteps()[0], dtype=torch.float64))
-    for layer, ref, first_pass in zip(out.stream.kv_cache, expected, noisy):
+    for layer, ref, first_pass in zip(out.stream.cache.kv, expected, noisy):
         torch.testing.assert_close(layer.k[:, :2 * FSL], ref.k[:, :2 * FSL], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.v[:, :2 * FSL], ref.v[:, :2 * FSL], rtol=1e-5, atol=1e-6)
         assert (layer.k[:, :2 * FSL] - first_pass.k[:, :2 * FSL]).abs().max() > 1e-3  # overwritten
-    assert out.stream.kv_cache[0].global_end_index == 4 * FSL
+    assert out.stream.cache.kv[0].global_end_index == 4 * FSL
 
 
 # ------------------------------------------------------------------------------------------- longer than the window

@@ -11,15 +11,20 @@ then carries no gradient into the generator, and score differences there are zer
 
 ``cond`` may also be a dict of WanCondition's fields: the methods' generic helpers (``cat_batch``
 stacking real and fake conditions for one GAN critic forward) and DataLoader collation handle dicts.
+
+A block-causal Wan (config.num_frame_per_block) streams: ``WanDenoiser`` is a ``CausalDenoiser``
+(rollout/causal_denoiser.py) over the network's ``forward_causal_step`` and its KV caches.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any, Mapping, Optional, Union
+from typing import Any, List, Mapping, Optional, Tuple, Union
 
 import torch
 
 from megadistill.methods.base import Denoiser
+from megadistill.models.wan.kv_cache import CrossAttnCache, KVCache, new_kv_cache
+from megadistill.models.wan.model import WanModel
 
 
 @dataclass
@@ -122,6 +127,91 @@ class WanDenoiser(Denoiser):
            sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
         x0 = self.flow_to_x0(self.flow(x_t, t, cond), x_t, t, sigma)
         return overwrite_first_frame(x0, cond)
+
+    def generated_mask(self, cond: WanCondition, samples: torch.Tensor) -> Optional[torch.Tensor]:
+        """With TI2V first-frame conditioning every latent frame but frame 0 (the image latent)."""
+        if as_wan_condition(cond).first_frame is None:
+            return None
+        if samples.dim() != 5:
+            raise ValueError(f"Wan samples are [B, C, F, H, W], got {list(samples.shape)}")
+        return first_frame_gradient_mask(samples.shape[2], samples.device)
+
+    # -- CausalDenoiser: block-by-block generation against the network's KV caches -------------------
+    def causal_block_frames(self) -> int:
+        return causal_network(self).config.num_frame_per_block
+
+    def check_causal(self, cond: WanCondition, sample_shape: Tuple[int, ...], batch_size: int) -> None:
+        net = causal_network(self)
+        if len(sample_shape) != 4:
+            raise ValueError(f"sample shape must be (C, F, H, W), got {tuple(sample_shape)}")
+        c, f, h, w = sample_shape
+        if c != net.config.out_dim:
+            raise ValueError(f"samples have {c} channels, the model generates {net.config.out_dim}")
+        _, ph, pw = net.config.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"latent size (H, W) = {(h, w)} must be a multiple of the patch size {(ph, pw)}")
+        check_causal_condition(cond, batch_size, f)
+
+    def new_causal_cache(self, batch_size: int, latent_hw: Tuple[int, int], max_frames: int,
+                         device: Optional[torch.device], cache_gradient: str) -> "WanCausalCache":
+        net = causal_network(self)
+        if cache_gradient == "upstream" and net.config.local_attn_size is not None:
+            raise ValueError("cache_gradient 'upstream' reproduces upstream's training cache, which holds every "
+                             "frame and never evicts; a model with a local window needs the detached cache gradient")
+        _, ph, pw = net.config.patch_size
+        frame_seq_len = (latent_hw[0] // ph) * (latent_hw[1] // pw)
+        kv = new_kv_cache(net, batch_size, frame_seq_len, max_frames=max_frames, device=device,
+                          grad_history=cache_gradient == "upstream")
+        return WanCausalCache(kv, CrossAttnCache())
+
+    def causal_flow(self, x: torch.Tensor, t: torch.Tensor, cond: WanCondition, cache: "WanCausalCache",
+                    start_frame: int) -> torch.Tensor:
+        cond = as_wan_condition(cond).frames(start_frame, start_frame + x.shape[2])
+        return causal_network(self).forward_causal_step(x, t, cond.context, cache.kv, cache.cross,
+                                                        start_frame=start_frame, clip_fea=cond.clip_fea, y=cond.y)
+
+
+@dataclass
+class WanCausalCache:
+    """One streamed video's caches: per-layer self-attention ``KVCache`` and the context cache."""
+
+    kv: List[KVCache]
+    cross: CrossAttnCache
+
+
+def causal_network(denoiser: Denoiser) -> WanModel:
+    """The block-causal WanModel behind ``denoiser`` (clear error for anything else)."""
+    net = denoiser.net
+    if not isinstance(net, WanModel):
+        raise ValueError(f"causal generation needs a WanModel as denoiser.net, got {type(net).__name__} "
+                         "(WanMoE has no KV-cache step)")
+    if not net.config.is_causal:
+        raise ValueError("causal generation needs a block-causal WanModel: set config.num_frame_per_block "
+                         "(e.g. build_wan(..., num_frame_per_block=3))")
+    return net
+
+
+def check_causal_condition(cond: WanCondition, batch_size: int, num_frames: int) -> None:
+    if not isinstance(cond, WanCondition):
+        raise ValueError(f"cond must be a WanCondition, got {type(cond).__name__}")
+    if cond.batch_size != batch_size:
+        raise ValueError(f"condition has batch {cond.batch_size}, latents have {batch_size}")
+    if cond.first_frame is not None:
+        # TI2V puts a clean frame 0 with per-token timestep 0 inside the first block; the causal
+        # rollout would have to give that block mixed timesteps in every step and the refresh.
+        raise ValueError("first_frame (Wan2.2 TI2V) conditioning is not supported by causal generation; "
+                         "use the bidirectional rollout")
+    if cond.y is not None and cond.y.shape[2] < num_frames:
+        raise ValueError(f"the I2V condition y covers {cond.y.shape[2]} latent frames, {num_frames} are generated")
+
+
+def first_frame_gradient_mask(num_frames: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """bool [1, 1, F, 1, 1]: every latent frame but frame 0 (broadcasts over [B, C, F, H, W])."""
+    if num_frames < 2:
+        raise ValueError(f"first-frame conditioning needs at least 2 latent frames, got {num_frames}")
+    mask = torch.ones(1, 1, num_frames, 1, 1, dtype=torch.bool, device=device)
+    mask[:, :, 0] = False
+    return mask
 
 
 def overwrite_first_frame(x0: torch.Tensor, cond: WanCondition) -> torch.Tensor:
