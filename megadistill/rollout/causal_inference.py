@@ -133,7 +133,7 @@ def causal_generate(denoiser: Denoiser, cond: Any, noise: torch.Tensor, steps: S
     """
     if noise.dim() != 5:
         raise ValueError(f"noise must be [B, C, F, H, W], got {list(noise.shape)}")
-    b, _, f, h, w = noise.shape
+    b, _, f = noise.shape[:3]
     with torch.no_grad():
         stream = CausalStream(denoiser, cond, steps, batch_size=b, sample_shape=tuple(noise.shape[1:]),
                               noise_generator=noise_generator, context_noise=context_noise, device=noise.device,
