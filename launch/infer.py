@@ -8,9 +8,9 @@
 ``--checkpoint`` is a trainer checkpoint (its root or a step_* directory): it records the experiment
 config and the generator's WanConfig, so the student runs exactly as trained: causal streaming (block by
 block with a KV cache; with the model's local window for videos longer than the training window) or
-bidirectional, at the SAME step list (``wan.rollout.steps``), prompts encoded by the run's text encoder.
+bidirectional, at the SAME step list (``rollout.steps``), prompts encoded by the run's text encoder.
 ``--num-frames`` (latent frames; default: the training length) may exceed the training window for a
-causal student. ``--refresh`` (causal students; default: the run's ``wan.rollout.inference_refresh``)
+causal student. ``--refresh`` (causal students; default: the run's ``rollout.inference_refresh``)
 is what the KV-cache refresh after each block sees: ``clean`` x0, as upstream Self-Forcing's inference
 (use it for students trained upstream), or ``noised`` x0 as in the training rollout. The demo's latents are pixels; real Wan latents are decoded with the Wan VAE from a
 local folder (``--vae``). One MP4 holds the prompts' videos stacked, one per row.
@@ -40,13 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output MP4 (default: <run.output_dir>/infer.mp4)")
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--refresh", default=None, choices=("clean", "noised"),
-                   help="causal students: the KV-cache refresh input (default: the run's wan.rollout.inference_refresh)")
+                   help="causal students: the KV-cache refresh input (default: the run's rollout.inference_refresh)")
     return p.parse_args(argv)
 
 
 def load_run(checkpoint: str, model: str):
     """(experiment config, generator WanModel with the merged weights, which weights were used)."""
-    from megadistill.config import from_dict
+    from megadistill.config import ConfigError, from_dict
     from megadistill.engine import merge
     from megadistill.experiment import ExperimentConfig
     from megadistill.models.wan import build_wan
@@ -55,9 +55,13 @@ def load_run(checkpoint: str, model: str):
     if "config" not in info.trainer_state or "generator" not in info.trainer_state.get(merge.MODEL_CONFIG_KEY, {}):
         raise ValueError(f"{info.path} does not record the experiment and generator configs (written by an older "
                          "trainer or another job); it cannot be run by launch/infer.py")
-    cfg = from_dict(ExperimentConfig, info.trainer_state["config"])
-    if cfg.job != "wan":
-        raise ValueError(f"{info.path} is a {cfg.job!r} run; launch/infer.py runs Wan students")
+    try:
+        cfg = from_dict(ExperimentConfig, info.trainer_state["config"])
+    except ConfigError as e:
+        raise ValueError(f"{info.path}: its recorded experiment config does not load ({e})") from None
+    if cfg.job != "distill" or cfg.model.family != "wan":
+        raise ValueError(f"{info.path} is a {cfg.job!r} run of model family {cfg.model.family!r}; launch/infer.py "
+                         "runs Wan students")
     used = model if model == "generator" or info.ema is not None else "generator"
     net = build_wan(merge.wan_config_from_checkpoint(info, "generator"))
     net.load_state_dict(merge.merged_state_dict(info, used))
@@ -67,7 +71,7 @@ def load_run(checkpoint: str, model: str):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        from megadistill.jobs.wan_job import read_prompts
+        from megadistill.models.wan.prompts import read_prompts
 
         prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
         if not prompts:
@@ -82,32 +86,33 @@ def main(argv=None) -> int:
             cfg, net, used = load_run(args.checkpoint, args.model)
         except MergeError as e:
             raise ValueError(str(e)) from None
-        job = cfg.wan
+        rollout, data = cfg.rollout, cfg.data
         if args.refresh is not None:
-            job = dataclasses.replace(job, rollout=dataclasses.replace(job.rollout, inference_refresh=args.refresh))
-        demo = job.data.text_encoder == "demo"
+            rollout = dataclasses.replace(rollout, inference_refresh=args.refresh)
+        demo = data.text_encoder == "demo"
         if not demo and args.vae is None:
             raise ValueError("this run's latents are Wan VAE latents: pass --vae with a local Wan VAE folder")
-        frames = args.num_frames or job.latent_shape[1]
-        if job.rollout.kind == "causal" and frames % job.rollout.num_frame_per_block:
+        frames = args.num_frames or data.latent_shape[1]
+        if rollout.kind == "causal" and frames % rollout.num_frame_per_block:
             raise ValueError(f"--num-frames {frames} must be a multiple of num_frame_per_block "
-                             f"{job.rollout.num_frame_per_block}")
-        if job.rollout.kind == "bidirectional" and frames != job.latent_shape[1]:
+                             f"{rollout.num_frame_per_block}")
+        if rollout.kind == "bidirectional" and frames != data.latent_shape[1]:
             raise ValueError("a bidirectional student generates its training length only; drop --num-frames")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     from megadistill.data.video_io import upscale_nearest, viewable_factor, write_mp4
-    from megadistill.jobs.wan_job import encode_prompt_list, generate
     from megadistill.models.wan.denoiser import WanDenoiser
+    from megadistill.models.wan.prompts import encode_prompt_list
+    from megadistill.rollout.config import generate
 
-    prompt_set = encode_prompt_list(job, prompts, net.config.text_len)
-    c, _, h, w = job.latent_shape
+    prompt_set = encode_prompt_list(data, prompts, net.config.text_len)
+    c, _, h, w = data.latent_shape
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((len(prompts), c, frames, h, w), generator=g)
     with torch.no_grad():
-        latents = generate(job, WanDenoiser(net), prompt_set.condition(torch.arange(len(prompts))), noise, g)
+        latents = generate(rollout, WanDenoiser(net), prompt_set.condition(torch.arange(len(prompts))), noise, g)
         if demo:
             videos = latents
         else:
@@ -117,9 +122,9 @@ def main(argv=None) -> int:
     grid = torch.cat(list(videos.clamp(-1, 1)), dim=2)  # prompts stacked along H
     out = args.out or os.path.join(cfg.run.output_dir, "infer.mp4")
     write_mp4(out, upscale_nearest(grid, viewable_factor(grid.shape[-2], grid.shape[-1])), fps=args.fps)
-    print(f"wrote {out}: {len(prompts)} video(s), {frames} latent frames, {len(job.rollout.steps.steps)} steps "
-          f"({job.rollout.kind}, {used} weights, timesteps {[round(t, 1) for t in job.rollout.steps.timesteps()]}"
-          + (f", {job.rollout.inference_refresh} cache refresh" if job.rollout.kind == "causal" else "") + ")")
+    print(f"wrote {out}: {len(prompts)} video(s), {frames} latent frames, {len(rollout.steps.steps)} steps "
+          f"({rollout.kind}, {used} weights, timesteps {[round(t, 1) for t in rollout.steps.timesteps()]}"
+          + (f", {rollout.inference_refresh} cache refresh" if rollout.kind == "causal" else "") + ")")
     return 0
 
 

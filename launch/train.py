@@ -8,12 +8,13 @@
     python launch/train.py [--config X.yaml] --print-config       (the resolved config)
 
 Without ``--config`` it runs the embedded default, ``configs/demo_dmd.yaml``: Self-Forcing DMD of the
-shipped demo teacher into a 4-step causal student (``configs/toylab_dmd.yaml``: the same on the toy lab). ``job:`` in the config picks what runs (see
-megadistill/experiment.py): ``wan`` and ``toylab`` train through the DeepSpeed trainer and need
-``--ds_config``; ``toylab_table`` does not. The config, the DeepSpeed config and every file the job
-will read are checked (unknown keys, wrong types, missing files, ZeRO stage, batch sizes, resume
-checkpoint) before any process group, model or output directory exists; a bad input exits with code 2
-and a message naming the file or key.
+shipped demo teacher into a 4-step causal student (``configs/toylab_dmd.yaml``: the same on the toy
+family). ``job:`` in the config picks what runs (see megadistill/experiment.py): ``distill`` trains
+``method`` on ``model.family`` through the DeepSpeed trainer and needs ``--ds_config``;
+``toylab_table`` does not. The config, the DeepSpeed config and every file the job will read are
+checked (unknown keys, wrong types, missing files, ZeRO stage, batch sizes, resume checkpoint) before
+any process group, model or output directory exists; a bad input exits with code 2 and a message
+naming the file or key.
 """
 from __future__ import annotations
 
@@ -56,13 +57,11 @@ def checkpoint_dir(cfg: ExperimentConfig) -> str:
 
 def data_parallel_size(cfg: ExperimentConfig, world_size: int) -> int:
     """dp, the replicas that see different samples: the world over tp x sp x cfg (one sample per such
-    group). The wan job also checks the sizes against every model's heads and a resumed layout."""
+    group), checked against every model's heads and a resumed layout."""
     try:
-        if cfg.job == "wan":
-            from megadistill.jobs.wan_job import check_parallel
+        from megadistill.jobs.distill import check_parallel
 
-            return check_parallel(cfg)
-        return cfg.parallel.check(world_size)
+        return check_parallel(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -114,13 +113,12 @@ def check_job_inputs(cfg: ExperimentConfig, ds_config_path) -> dict | None:
     if not ds_config_path:
         raise ConfigError(f"job {cfg.job!r} trains through DeepSpeed: pass --ds_config (e.g. configs/zero3.json)")
     ds = check_trainer_inputs(cfg, ds_config_path)
-    if cfg.job == "wan":
-        from megadistill.jobs.wan_job import check_inputs
+    from megadistill.jobs.distill import check_inputs
 
-        try:
-            check_inputs(cfg)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(str(e)) from None
+    try:
+        check_inputs(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     return ds
 
 
@@ -140,11 +138,7 @@ def main(argv=None) -> int:
 
         return run_table(cfg)
     setup_logging(int(os.environ.get("RANK", "0")))
-    if cfg.job == "toylab":
-        from megadistill.jobs.toylab_job import run_trainer
-
-        return run_trainer(cfg, ds)
-    from megadistill.jobs.wan_job import run
+    from megadistill.jobs.distill import run
 
     return run(cfg, ds)
 

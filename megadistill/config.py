@@ -178,6 +178,9 @@ def apply_overrides(cls, data: dict, overrides: Sequence[str]) -> dict:
             sub_tp = get_type_hints(node_cls)[key]
             if get_origin(sub_tp) in (Union, types.UnionType):
                 sub_tp = next(a for a in get_args(sub_tp) if a is not _NONE_TYPE)
+            if sub_tp is Any:  # a section typed later (e.g. by the model family): its own class checks the keys
+                _set_path(node, path[depth:], value)
+                break
             if not dataclasses.is_dataclass(sub_tp):
                 raise ConfigError(f"override '{text}': '{where}' is not a section")
             child = node.get(key)
@@ -185,6 +188,16 @@ def apply_overrides(cls, data: dict, overrides: Sequence[str]) -> dict:
             node[key] = child
             node_cls, node = sub_tp, child
     return data
+
+
+def _set_path(node: dict, path: Sequence[str], value: Any) -> None:
+    """``node[path[0]][path[1]]... = value``, creating (copies of) the mappings on the way."""
+    for key in path[:-1]:
+        child = node.get(key)
+        child = dict(child) if isinstance(child, dict) else {}
+        node[key] = child
+        node = child
+    node[path[-1]] = value
 
 
 def read_yaml(path: str) -> dict:
@@ -219,9 +232,16 @@ def load_config(cls, path: Optional[str] = None, overrides: Sequence[str] = ()):
     The file and overrides are laid over the full default tree ``to_dict(cls())``: a section given in
     part keeps its parent's defaults (a ``default_factory`` that differs from the section class's own
     defaults) for the keys it leaves out, instead of falling back to the section class's defaults.
+    A class whose defaults depend on what the user chose (``ExperimentConfig``: the model family
+    types the ``model``, ``data`` and ``eval`` sections) gives them by ``config_defaults(data)``, called
+    with the file's tree and the overrides applied.
     """
-    data = merge_onto(to_dict(cls()), read_yaml(path) if path else {})
-    data = apply_overrides(cls, data, overrides)
+    user = read_yaml(path) if path else {}
+    if hasattr(cls, "config_defaults"):
+        defaults = cls.config_defaults(apply_overrides(cls, user, overrides))
+    else:
+        defaults = to_dict(cls())
+    data = apply_overrides(cls, merge_onto(defaults, user), overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as e:

@@ -130,6 +130,6 @@ def test_derived_defaults_follow_a_changed_field_through_the_loader(tmp_path):
     from megadistill.experiment import ExperimentConfig
 
     path = tmp_path / "x.yaml"
-    path.write_text("wan:\n  latent_shape: [3, 9, 16, 16]\n  rollout:\n    self_forcing: {num_training_frames: 9}\n")
+    path.write_text("data:\n  latent_shape: [3, 9, 16, 16]\nrollout:\n  self_forcing: {num_training_frames: 9}\n")
     cfg = load_config(ExperimentConfig, str(path))
-    assert cfg.wan.rollout.self_forcing.frame_range() == (9, 9)
+    assert cfg.rollout.self_forcing.frame_range() == (9, 9)

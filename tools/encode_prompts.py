@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from megadistill.jobs.wan_job import read_prompts  # noqa: E402
+from megadistill.models.wan.prompts import read_prompts  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,1 +1,2 @@
-"""The jobs ``launch/train.py`` runs (``job:`` in the experiment config): wan, toylab, toylab_table."""
+"""The jobs ``launch/train.py`` runs (``job:`` in the experiment config): distill (any method on any
+model family, through the DeepSpeed trainer) and toylab_table."""

@@ -123,6 +123,7 @@ class APTDistillation(DistillationMethod):
 
     name = "apt"
     has_critic = True
+    critic_kind = "discriminator"
     generator_forward = "parallel"
 
     @classmethod

@@ -263,6 +263,14 @@ class DistillationMethod(abc.ABC):
     needs_real: bool = False
     needs_trajectory: bool = False
     generator_forward: str = "rollout"
+    critic_kind: str = "denoiser"  # the critic as the method calls it: a score denoiser or a "discriminator"
+
+    @classmethod
+    def bind_rollout(cls, config: Any, rollout: Any) -> Any:
+        """``config`` with what it takes from the run's rollout config (``rollout.config.RolloutConfig``):
+        a method whose settings follow the generator's step list or causal block returns a copy with
+        them filled in, and raises ValueError when it cannot work with that rollout. Default: unchanged."""
+        return config
 
     @classmethod
     def needs(cls, config: Any = None) -> MethodNeeds:

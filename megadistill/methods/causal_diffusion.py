@@ -46,6 +46,7 @@ with K the number of eligible grid timesteps and F_kept = (max(b) + 1) * num_fra
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -64,7 +65,7 @@ LOSS_WEIGHTINGS = ("upstream", "none")
 class CausalDiffusionConfig:
     """``context``: diffusion_forcing (every block its own noise level) or teacher_forcing (clean
     context blocks, one noised block per sample); ``num_frame_per_block``: the generator's causal block
-    (the wan job sets it from wan.rollout); ``shift``: timestep shift of the training grid (upstream
+    (the job sets it from rollout: ``bind_rollout``); ``shift``: timestep shift of the training grid (upstream
     timestep_shift 5); ``min_timestep`` / ``max_timestep``: the drawn grid timesteps lie in this range
     (shifted timesteps, in [0, num_train_timesteps]); ``weighting``: ``upstream`` = the schedule's
     training weight per frame, ``none`` = plain MSE."""
@@ -228,6 +229,14 @@ class CausalDiffusion(DistillationMethod):
     has_critic = False
     needs_real = True
     generator_forward = "parallel"
+
+    @classmethod
+    def bind_rollout(cls, config: CausalDiffusionConfig, rollout) -> CausalDiffusionConfig:
+        """The generator's causal block; a bidirectional rollout is refused."""
+        if not rollout.causal:
+            raise ValueError("method causal_diffusion trains a block-causal generator (the ODE-init stage of a "
+                             f"causal student): set rollout.kind=causal, not {rollout.kind!r}")
+        return dataclasses.replace(config, num_frame_per_block=rollout.num_frame_per_block)
 
     def __init__(self, cfg: CausalDiffusionConfig, *, generator: Denoiser, rng: Optional[torch.Generator] = None, **_):
         _check_causal(generator, cfg)

@@ -74,6 +74,7 @@ class GANDistillation(DistillationMethod):
 
     name = "gan"
     has_critic = True
+    critic_kind = "discriminator"
     needs_real = True
 
     def __init__(

@@ -16,6 +16,7 @@ frames with t != 0.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -155,6 +156,12 @@ class ODERegression(DistillationMethod):
     has_critic = False
     needs_trajectory = True
     generator_forward = "parallel"
+
+    @classmethod
+    def bind_rollout(cls, config: ODERegressionConfig, rollout) -> ODERegressionConfig:
+        """The student's step list; one index per causal block for a block-causal student."""
+        return dataclasses.replace(config, step_list=rollout.steps.timesteps(),
+                                   num_frame_per_block=rollout.num_frame_per_block if rollout.causal else None)
 
     def __init__(self, cfg: ODERegressionConfig, *, generator: Denoiser, rng: Optional[torch.Generator] = None, **_):
         self.cfg = cfg

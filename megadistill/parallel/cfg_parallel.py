@@ -24,7 +24,7 @@ sequence_data group: ZeRO-3 divides by dp x sp x cfg, stages 0-2 by dp x cfg; se
 engines.sequence_parallel_loss_scale), come out exactly as in a single process.
 (The teacher's own parameters are frozen; a caller that needs d/dx_t gets it through this path.)
 
-In the trainer the wan job wraps its frozen teacher once (``wan_job.teacher_denoiser``); under ZeRO-3
+In the trainer the distill job wraps its frozen teacher once (``jobs/distill.build_method``); under ZeRO-3
 the wrapper is the teacher engine's root module and the network's submodules gather their partitions
 as usual: both ranks run one forward each, in the same order. Tested through the trainer against a
 one-process run in tests/parallel/test_parallel_training.py (cfg = 2, dp = 2, ZeRO-3).

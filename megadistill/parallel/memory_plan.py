@@ -740,37 +740,39 @@ def format_plan(plan: MemoryPlan, advice: Optional[list[tuple[str, MemoryPlan]]]
 
 
 def plan_from_experiment(path: str, **fields) -> PlanConfig:
-    """A PlanConfig from an experiment YAML of the wan job (models, latent shape, micro batch,
-    precision, checkpointing, rollout); ``fields`` (PlanConfig fields: world_size, tp, zero, ...)
+    """A PlanConfig from an experiment YAML of a Wan-family distill run (models, latent shape, micro
+    batch, precision, checkpointing, rollout); ``fields`` (PlanConfig fields: world_size, tp, zero, ...)
     override or complete it. An empty generator / critic preset is the teacher's (as in the job)."""
     from megadistill.config import load_config
-    from megadistill.experiment import DEMO, ExperimentConfig
+    from megadistill.experiment import ExperimentConfig
     from megadistill.methods import method_needs
+    from megadistill.models.wan.run_config import DEMO
 
     exp = load_config(ExperimentConfig, path)
-    if exp.job != "wan":
-        raise ValueError(f"{path}: the memory plan covers the wan job, got job {exp.job!r}")
-    wan = exp.wan
+    if exp.job != "distill" or exp.model.family != "wan":
+        raise ValueError(f"{path}: the memory plan covers Wan-family distill runs, got job {exp.job!r} with "
+                         f"model.family {exp.model.family!r}")
+    model, rollout = exp.model, exp.rollout
 
     def preset(m):
         if m.preset == DEMO:
             raise ValueError(f"{path}: the demo model has no preset to plan; set a Wan preset")
-        return m.preset or wan.teacher.preset
+        return m.preset or model.teacher.preset
 
-    def overrides(m):  # a model without its own preset is rebuilt from the teacher's config (wan_job.derive_model)
-        return m.overrides if m.preset else {**wan.teacher.overrides, **m.overrides}
+    def overrides(m):  # a model without its own preset is rebuilt from the teacher's config (networks.derive_model)
+        return m.overrides if m.preset else {**model.teacher.overrides, **m.overrides}
 
     need = method_needs(exp.method.name, exp.method.config)  # what the method class declares
-    trained = (wan.generator, wan.critic) if need.critic else (wan.generator,)
+    trained = (model.generator, model.critic) if need.critic else (model.generator,)
     ckpt = all(bool(overrides(m).get("grad_checkpointing", False)) for m in trained)
     base = dict(
-        generator=preset(wan.generator), critic=preset(wan.critic) if need.critic else None,
-        teacher=preset(wan.teacher) if need.teacher else None,
-        latent=tuple(wan.latent_shape[1:]), frames=None, height=None, width=None,
+        generator=preset(model.generator), critic=preset(model.critic) if need.critic else None,
+        teacher=preset(model.teacher) if need.teacher else None,
+        latent=tuple(exp.data.latent_shape[1:]), frames=None, height=None, width=None,
         batch=exp.train.micro_batch_size, precision=exp.train.precision, grad_checkpointing=ckpt,
-        rollout="parallel" if need.generator_forward == "parallel" else wan.rollout.kind,
-        num_frame_per_block=wan.rollout.num_frame_per_block,
-        local_attn_size=wan.rollout.local_attn_size, sink_size=wan.rollout.sink_size,
+        rollout="parallel" if need.generator_forward == "parallel" else rollout.kind,
+        num_frame_per_block=rollout.num_frame_per_block,
+        local_attn_size=rollout.local_attn_size, sink_size=rollout.sink_size,
     )
     base.update(fields)
     return PlanConfig(**base)

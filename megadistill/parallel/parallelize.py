@@ -43,7 +43,7 @@ def parallelize_wan(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
 def check_parallel_sizes(parallel: ParallelConfig, world_size: int, heads: Mapping[str, int]) -> int:
     """Validate ``parallel`` against the world size and every model's head count before anything is
     built (``heads``: a model's name in messages -> its num_heads); returns dp. ValueError otherwise.
-    (Whether cfg = 2 pays for a given method is the job's call: ``wan_job.check_parallel``.)"""
+    (Whether cfg = 2 pays for a given method is the job's call: ``jobs/distill.check_parallel``.)"""
     for model, num_heads in heads.items():
         parallel.check(world_size, num_heads, model=model)
     return parallel.check(world_size)

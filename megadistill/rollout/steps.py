@@ -7,7 +7,7 @@ shift, so the student ran at timesteps it never saw. Here both sides call ``Step
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from megadistill.diffusion.flow_match import FlowMatchSchedule, warp_step_list
 
@@ -15,12 +15,15 @@ from megadistill.diffusion.flow_match import FlowMatchSchedule, warp_step_list
 @dataclass
 class StepListConfig:
     """``steps``: nominal timesteps in (0, T], strictly decreasing; ``warp``: map them onto the grid of
-    ``shift`` (upstream ``warp_denoising_step``); ``shift`` also defines the re-noising grid."""
+    ``shift`` (upstream ``warp_denoising_step``); ``shift`` also defines the re-noising grid;
+    ``grid``: re-noising between steps snaps to that grid (upstream ``scheduler.add_noise``), or, when
+    false, noises at the exact timestep (the toy lab's continuous schedule)."""
 
     steps: List[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     warp: bool = True
     shift: float = 5.0
     num_train_timesteps: int = 1000
+    grid: bool = True
 
     def __post_init__(self):
         self.steps = [float(s) for s in self.steps]
@@ -41,6 +44,9 @@ class StepListConfig:
             return list(self.steps)
         return [float(t) for t in warp_step_list(self.steps, self.shift, self.num_train_timesteps)]
 
-    def schedule(self) -> FlowMatchSchedule:
-        """The grid that re-noising between steps snaps to (upstream ``scheduler.add_noise``)."""
+    def schedule(self) -> Optional[FlowMatchSchedule]:
+        """The grid that re-noising between steps snaps to (upstream ``scheduler.add_noise``); None
+        without ``grid`` (continuous re-noising)."""
+        if not self.grid:
+            return None
         return FlowMatchSchedule(num_train_timesteps=self.num_train_timesteps, shift=self.shift)

@@ -351,8 +351,8 @@ def test_sigterm_saves_but_does_not_requeue(fake, tmp_path):
 # ------------------------------------------------------------------------------------- end to end
 E2E_ARGS = [
     "train.max_steps=40", "train.save_every=1000", "train.log_every=1", "train.micro_batch_size=512",
-    "train.progress_bar=false", "train.tensorboard=false", "toylab.teacher.iterations=50",
-    "toylab.teacher.batch_size=64", "toylab.eval.samples_per_class=200", "toylab.eval.num_projections=32",
+    "train.progress_bar=false", "train.tensorboard=false", "model.teacher.iterations=50",
+    "model.teacher.batch_size=64", "eval.samples_per_class=200", "eval.num_projections=32",
 ]
 
 

@@ -23,7 +23,7 @@ TRAIN = ROOT / "launch" / "train.py"
 ZERO3 = ROOT / "configs" / "zero3.json"
 TOYLAB = ROOT / "configs" / "toylab_dmd.yaml"
 TINY = [
-    "toylab.teacher.iterations=400", "toylab.eval.samples_per_class=500", "toylab.eval.num_projections=64",
+    "model.teacher.iterations=400", "eval.samples_per_class=500", "eval.num_projections=64",
     "train.max_steps=120", "train.micro_batch_size=128", "train.log_every=40", "train.save_every=60",
 ]
 RESULT_LINE = re.compile(r"^final: dmd 4-step student .*SW1 to teacher-50 ([0-9.]+) \| undistilled teacher 4-step "
@@ -78,8 +78,8 @@ def test_two_process_torchrun_run(tmp_path):
     out = tmp_path / "run2"
     stdout = _run(["torchrun", "--nproc_per_node", "2", "--master_port", str(train_cli_free_port()), str(TRAIN),
                    "--ds_config", str(ZERO3), "--config", str(TOYLAB), f"run.output_dir={out}", *TINY,
-                   "toylab.teacher.iterations=100",
-                   "toylab.eval.samples_per_class=200", "train.max_steps=20", "train.micro_batch_size=64",
+                   "model.teacher.iterations=100",
+                   "eval.samples_per_class=200", "train.max_steps=20", "train.micro_batch_size=64",
                    "train.save_every=0"])
     distance, teacher, ratio = _final(stdout)
     assert ratio == pytest.approx(distance / teacher, abs=2e-3)
@@ -97,10 +97,11 @@ def test_embedded_default_is_the_self_forcing_demo():
 
     cfg = load_config(ExperimentConfig, train_cli.DEFAULT_CONFIG, [])
     assert Path(train_cli.DEFAULT_CONFIG) == ROOT / "configs" / "demo_dmd.yaml"
-    assert (cfg.job, cfg.method.name, cfg.wan.rollout.kind, cfg.wan.teacher.preset) == ("wan", "dmd", "causal", "demo")
-    assert len(cfg.wan.rollout.steps.steps) == 4 and cfg.wan.eval.enabled
-    assert cfg.wan.generator.checkpoint == resolve_checkpoint("demo:causal_init")
-    assert os.path.isfile(cfg.wan.generator.checkpoint)
+    assert (cfg.job, cfg.method.name, cfg.rollout.kind, cfg.model.teacher.preset) == ("distill", "dmd", "causal", "demo")
+    assert cfg.model.family == "wan"
+    assert len(cfg.rollout.steps.steps) == 4 and cfg.eval.enabled
+    assert cfg.model.generator.checkpoint == resolve_checkpoint("demo:causal_init")
+    assert os.path.isfile(cfg.model.generator.checkpoint)
 
 
 def train_cli_free_port() -> int:

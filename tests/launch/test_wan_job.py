@@ -1,4 +1,4 @@
-"""launch/train.py's ``wan`` job: the demo (configs/demo_dmd.yaml) end to end, the real-checkpoint path (Wan weights
+"""launch/train.py's distill job on the Wan family: the demo (configs/demo_dmd.yaml) end to end, the real-checkpoint path (Wan weights
 and a umT5 folder written by the test), GAN / ODE regression through the job, the shipped configs,
 and bad inputs refused before anything is built.
 
@@ -22,8 +22,8 @@ TRAIN = ROOT / "launch" / "train.py"
 ZERO3 = ROOT / "configs" / "zero3.json"
 DEMO = ROOT / "configs" / "demo_dmd.yaml"
 QUICK = ["train.max_steps=4", "train.log_every=2", "train.save_every=0", "train.micro_batch_size=2",
-         "train.progress_bar=false", "train.dfake_gen_update_ratio=2", "wan.eval.num_prompts=2",
-         "wan.eval.samples_per_prompt=1"]
+         "train.progress_bar=false", "train.dfake_gen_update_ratio=2", "eval.num_prompts=2",
+         "eval.samples_per_prompt=1"]
 FINAL = re.compile(r"^final: (\w+) 4-step (\w+) student .*distance to teacher-\d+ ([0-9.]+) \| undistilled teacher "
                    r"4-step ([0-9.]+) \| ratio ([0-9.]+)", re.M)
 
@@ -63,7 +63,7 @@ def demo_run(tmp_path_factory):
     out = tmp / "run"
     stdout = _train(f"run.output_dir={out}", "train.max_steps=60", "train.micro_batch_size=4", "train.save_every=0",
                     "train.sample_every=60", "train.progress_bar=false", "train.log_every=10",
-                    "wan.eval.samples_per_prompt=4", "wan.eval.teacher_steps=20", timeout=900)
+                    "eval.samples_per_prompt=4", "eval.teacher_steps=20", timeout=900)
     return tmp, out, stdout
 
 
@@ -104,7 +104,8 @@ def test_demo_job_end_to_end(demo_run):
     # The checkpoint describes itself: the merge tool rebuilds the causal student without --wan-config.
     ckpt = out / "checkpoints"
     state = json.loads(next(ckpt.glob("step_*/trainer_state.json")).read_text())
-    assert state["config"]["job"] == "wan" and state["model_configs"]["generator"]["num_frame_per_block"] == 3
+    assert (state["config"]["job"], state["config"]["model"]["family"], state["family"]) == ("distill", "wan", "wan")
+    assert state["model_configs"]["generator"]["num_frame_per_block"] == 3
     merged = merge.merge_checkpoint(ckpt, tmp_path / "student", "generator", "original", progress=False)
     student = build_wan(merge.wan_config_from_checkpoint(merge.read_checkpoint_info(ckpt), "generator"))
     load_wan_checkpoint(student, merged.written[0].parent)
@@ -149,12 +150,12 @@ def _tiny_real_setup(tmp_path):
     te.encoder.save_pretrained(str(tmp_path / "umt5" / "text_encoder"))
     te.tokenizer.save_pretrained(str(tmp_path / "umt5" / "tokenizer"))
     (tmp_path / "prompts.txt").write_text("a cat surfing\n\nthe big blue sea at night\na dog on a wave\n")
-    return [f"wan.teacher.preset=tiny-t2v", f"wan.teacher.checkpoint={tmp_path / 'teacher'}",
-            "wan.teacher.overrides={text_len: 16}", f"wan.data.prompts={tmp_path / 'prompts.txt'}",
-            f"wan.data.text_encoder={tmp_path / 'umt5'}", "wan.latent_shape=[16, 3, 4, 4]",
-            "wan.rollout.num_frame_per_block=1", "wan.rollout.self_forcing.num_training_frames=3",
-            "wan.eval.enabled=false", "wan.discriminator_layers=[0, 1]", "method.dmd.timestep_shift=1.0",
-            "wan.generator.checkpoint=''"]  # the teacher's weights, not the demo's causal init
+    return [f"model.teacher.preset=tiny-t2v", f"model.teacher.checkpoint={tmp_path / 'teacher'}",
+            "model.teacher.overrides={text_len: 16}", f"data.prompts={tmp_path / 'prompts.txt'}",
+            f"data.text_encoder={tmp_path / 'umt5'}", "data.latent_shape=[16, 3, 4, 4]",
+            "rollout.num_frame_per_block=1", "rollout.self_forcing.num_training_frames=3",
+            "eval.enabled=false", "model.discriminator_layers=[0, 1]", "method.dmd.timestep_shift=1.0",
+            "model.generator.checkpoint=''"]  # the teacher's weights, not the demo's causal init
 
 
 def test_real_checkpoint_and_umt5_path(tmp_path):
@@ -209,7 +210,7 @@ def test_gan_and_ode_regression_through_the_job(tmp_path):
                    check=True, env=_env(), capture_output=True)
     for method in ("ode_regression", "gan"):
         out = tmp_path / method
-        _train(f"run.output_dir={out}", *QUICK, *setup, f"method.name={method}", f"wan.data.ode_pairs={pairs}")
+        _train(f"run.output_dir={out}", *QUICK, *setup, f"method.name={method}", f"data.ode_pairs={pairs}")
         state = json.loads(next((out / "checkpoints").glob("step_*/trainer_state.json")).read_text())
         assert state["step"] == 4
         assert sorted(state["engines"]) == (["generator"] if method == "ode_regression" else ["critic", "generator"])
@@ -252,17 +253,17 @@ def test_real_model_configs_ask_for_their_weights_before_anything(name, tmp_path
 
 @pytest.mark.parametrize("case", ["no_ds_config", "missing_prompts", "unknown_preset", "ode_without_pairs",
                                   "frames_not_blocks", "bad_rollout_kind", "critic_preset_without_weights"])
-def test_bad_wan_inputs_exit_2_before_anything_is_written(case, tmp_path, capsys):
+def test_bad_wan_family_inputs_exit_2_before_anything_is_written(case, tmp_path, capsys):
     out = tmp_path / "never"
     ds = ["--ds_config", str(ZERO3)]
     extra, expected = {
         "no_ds_config": ([], ["--ds_config"]),
-        "missing_prompts": ([f"wan.data.prompts={tmp_path / 'nope.txt'}"], ["wan.data.prompts", "nope.txt"]),
-        "unknown_preset": (["wan.critic.preset=wan9-t2v"], ["wan9-t2v"]),
-        "ode_without_pairs": (["method.name=ode_regression"], ["wan.data.ode_pairs"]),
-        "frames_not_blocks": (["wan.latent_shape=[3, 8, 16, 16]"], ["num_frame_per_block"]),
-        "bad_rollout_kind": (["wan.rollout.kind=sideways"], ["wan.rollout", "kind", "sideways"]),
-        "critic_preset_without_weights": (["wan.critic.preset=tiny-t2v"], ["wan.critic.checkpoint is required"]),
+        "missing_prompts": ([f"data.prompts={tmp_path / 'nope.txt'}"], ["data.prompts", "nope.txt"]),
+        "unknown_preset": (["model.critic.preset=wan9-t2v"], ["wan9-t2v"]),
+        "ode_without_pairs": (["method.name=ode_regression"], ["data.ode_pairs"]),
+        "frames_not_blocks": (["data.latent_shape=[3, 8, 16, 16]"], ["num_frame_per_block"]),
+        "bad_rollout_kind": (["rollout.kind=sideways"], ["rollout", "kind", "sideways"]),
+        "critic_preset_without_weights": (["model.critic.preset=tiny-t2v"], ["model.critic.checkpoint is required"]),
     }[case]
     if case == "no_ds_config":
         ds = []
@@ -285,5 +286,5 @@ def test_demo_config_matches_the_shipped_teacher():
     _, settings = load_demo_teacher()
     dmd = cfg.method.dmd
     assert (dmd.guidance_form, dmd.guidance_scale, dmd.timestep_shift) == ("standard", settings.cfg_scale, settings.shift)
-    assert cfg.wan.rollout.steps.shift == settings.shift
-    assert tuple(cfg.wan.latent_shape) == settings.latent_shape(1)[1:]
+    assert cfg.rollout.steps.shift == settings.shift
+    assert tuple(cfg.data.latent_shape) == settings.latent_shape(1)[1:]

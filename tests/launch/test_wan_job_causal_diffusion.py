@@ -1,4 +1,4 @@
-"""launch/train.py's ``wan`` job with ``method.name=causal_diffusion`` (the ODE-init stage on real latents):
+"""launch/train.py's distill job on the Wan family with ``method.name=causal_diffusion`` (the ODE-init stage on real latents):
 the demo config runs end to end and writes a causal generator checkpoint; the batches carry the right
 clean latents (demo videos, or the clean ends of ODE pairs); bad inputs exit 2 before anything is written.
 """
@@ -18,7 +18,7 @@ TRAIN = ROOT / "launch" / "train.py"
 ZERO3 = ROOT / "configs" / "zero3.json"
 DEMO = ROOT / "configs" / "demo_dmd.yaml"
 # The demo teacher's own shift (16x16-pixel videos need none); no evaluation or sample videos.
-CAUSAL_DIFFUSION = ["method.name=causal_diffusion", "method.causal_diffusion.shift=1.0", "wan.eval.enabled=false",
+CAUSAL_DIFFUSION = ["method.name=causal_diffusion", "method.causal_diffusion.shift=1.0", "eval.enabled=false",
                     "train.sample_every=0"]
 QUICK = ["train.max_steps=3", "train.log_every=1", "train.save_every=0", "train.micro_batch_size=2",
          "train.progress_bar=false"]
@@ -79,15 +79,17 @@ def test_demo_causal_diffusion_end_to_end(tmp_path):
 
 
 def test_batches_carry_demo_videos_or_ode_pair_clean_ends(tmp_path):
-    """Demo: the procedural videos of the drawn prompts; with wan.data.ode_pairs: their clean ends."""
+    """Demo: the procedural videos of the drawn prompts; with data.ode_pairs: their clean ends."""
     from safetensors.torch import save_file
 
     from megadistill.demo.videos import render_videos
-    from megadistill.jobs.wan_job import encode_prompts, make_batches
+    from megadistill.jobs.distill import needs
+    from megadistill.models.wan.batches import make_batches
+    from megadistill.models.wan.prompts import encode_prompts
 
     cfg = _config()
-    prompts = encode_prompts(cfg.wan)
-    batch = make_batches(cfg, prompts)(torch.Generator().manual_seed(3))
+    prompts = encode_prompts(cfg.data)
+    batch = make_batches(cfg, needs(cfg), prompts)(torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, len(prompts.prompts), (batch.batch_size,), generator=g)
     torch.testing.assert_close(batch.real, render_videos([prompts.prompts[i] for i in idx.tolist()], g))
@@ -99,8 +101,8 @@ def test_batches_carry_demo_videos_or_ode_pair_clean_ends(tmp_path):
     prompt_index = torch.tensor([4, 0, 2, 7, 1])
     save_file({"trajectory": trajectory, "steps": torch.tensor([1000.0], dtype=torch.float64),
                "prompt_index": prompt_index}, str(tmp_path / "ode_pairs_00000.safetensors"))
-    cfg = _config(f"wan.data.ode_pairs={tmp_path}")
-    batch = make_batches(cfg, prompts)(torch.Generator().manual_seed(3))
+    cfg = _config(f"data.ode_pairs={tmp_path}")
+    batch = make_batches(cfg, needs(cfg), prompts)(torch.Generator().manual_seed(3))
     rows = torch.randint(0, n, (batch.batch_size,), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(batch.real, clean[rows])
     torch.testing.assert_close(batch.cond.context, prompts.context[prompt_index[rows]])
@@ -112,14 +114,14 @@ def test_bad_causal_diffusion_inputs_exit_2_before_anything_is_written(case, tmp
     (tmp_path / "umt5").mkdir()
     (tmp_path / "teacher.safetensors").write_bytes(b"")  # only its existence is checked before the run
     extra, expected = {
-        "bidirectional_generator": (["wan.rollout.kind=bidirectional"],
-                                    ["causal_diffusion trains a block-causal generator", "wan.rollout.kind=causal"]),
-        "real_encoder_without_data": ([f"wan.data.text_encoder={tmp_path / 'umt5'}",
-                                       f"wan.data.prompts={DEMO}"],  # any existing file: only checked to exist
-                                      ["causal_diffusion needs real clean latents", "wan.data.ode_pairs"]),
-        "demo_videos_wrong_shape": (["wan.teacher.preset=tiny-t2v", f"wan.teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
-                                     "wan.latent_shape=[16, 3, 4, 4]"],
-                                    ["demo's videos", "wan.latent_shape"]),
+        "bidirectional_generator": (["rollout.kind=bidirectional"],
+                                    ["causal_diffusion trains a block-causal generator", "rollout.kind=causal"]),
+        "real_encoder_without_data": ([f"data.text_encoder={tmp_path / 'umt5'}",
+                                       f"data.prompts={DEMO}"],  # any existing file: only checked to exist
+                                      ["causal_diffusion needs real clean latents", "data.ode_pairs"]),
+        "demo_videos_wrong_shape": (["model.teacher.preset=tiny-t2v", f"model.teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
+                                     "data.latent_shape=[16, 3, 4, 4]"],
+                                    ["demo's videos", "data.latent_shape"]),
     }[case]
     out = tmp_path / "never"
     code = train_cli.main(["--ds_config", str(ZERO3), "--config", str(DEMO), f"run.output_dir={out}",

@@ -225,7 +225,7 @@ def _cli():
 
 @pytest.mark.parametrize("world,overrides,config,expected", [
     (4, ["parallel.sp=8"], "demo_dmd.yaml",
-     ["wan.teacher (demo) has 4 heads: tp x sp must be one of 1, 2, 4, got tp=1 x sp=8 = 8"]),
+     ["model.teacher (demo) has 4 heads: tp x sp must be one of 1, 2, 4, got tp=1 x sp=8 = 8"]),
     (3, ["parallel.sp=2"], "demo_dmd.yaml", ["does not divide the world size 3"]),
     # cfg = 2 where no guided teacher pass exists to split: the second rank would only repeat the first.
     (2, ["parallel.cfg=2", "method.name=gan"], "demo_dmd.yaml",
@@ -236,7 +236,7 @@ def _cli():
     (2, ["parallel.cfg=2", "method.name=sid", "method.sid.guidance_scale=0.0"], "demo_dmd.yaml",
      ["method.sid.guidance_scale=0.0 (upstream form): the guidance is the identity"]),
     (3, ["parallel.cfg=2"], "demo_dmd.yaml", ["tp x sp x cfg = 1 x 1 x 2 = 2 does not divide the world size 3"]),
-    (2, ["parallel.tp=2"], "toylab_dmd.yaml", ["parallel: job 'toylab' runs data parallel only"]),
+    (2, ["parallel.tp=2"], "toylab_dmd.yaml", ["parallel: model family 'toy' has no attention heads to split"]),
     (2, ["parallel.sp=3"], "demo_dmd.yaml", ["has 4 heads", "tp=1 x sp=3"]),
 ])
 def test_bad_parallel_sizes_exit_2_before_anything_is_written(world, overrides, config, expected, tmp_path,

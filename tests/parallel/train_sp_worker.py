@@ -41,14 +41,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from megadistill.engine.config import EMAConfig, OptimConfig, TrainConfig  # noqa: E402
 from megadistill.engine.engines import full_state_dict, init_distributed, load_full_state_dict  # noqa: E402
 from megadistill.engine.trainer import Trainer  # noqa: E402
-from megadistill.experiment import WanJobConfig, WanRolloutConfig  # noqa: E402
-from megadistill.jobs.wan_job import build_rollout, teacher_denoiser  # noqa: E402
+from megadistill.rollout.config import RolloutConfig, build_rollout  # noqa: E402
 from megadistill.methods.base import DistillBatch  # noqa: E402
 from megadistill.methods.dmd import DMD, DMDConfig  # noqa: E402
 from megadistill.methods.gan import GANConfig, GANDistillation  # noqa: E402
 from megadistill.models.wan.discriminator import wan_discriminator  # noqa: E402
 from megadistill.models.wan import build_wan  # noqa: E402
-from megadistill.parallel.cfg_parallel import CFGParallelDenoiser  # noqa: E402
+from megadistill.parallel.cfg_parallel import CFGParallelDenoiser, cfg_parallel  # noqa: E402
 from megadistill.parallel.mesh import ParallelConfig, ParallelMesh  # noqa: E402
 from megadistill.parallel.parallelize import parallelize_wan  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
@@ -118,10 +117,9 @@ def run(run_spec: dict, grad_accum: int, info) -> dict:
         parallelize_wan(net, mesh)
     teacher, generator, critic = nets
 
-    job = WanJobConfig(latent_shape=list(LATENT), rollout=WanRolloutConfig(
-        kind="bidirectional", steps=StepListConfig(steps=[1000.0, 750.0, 500.0])))
+    rollout_cfg = RolloutConfig(kind="bidirectional", steps=StepListConfig(steps=[1000.0, 750.0, 500.0]))
     rng, rollout_rng = torch.Generator(), torch.Generator()
-    rollout = build_rollout(job, rollout_rng, rng)
+    rollout = build_rollout(rollout_cfg, rollout_rng, rng)
     if gan:
         torch.manual_seed(3)  # the register heads' initialisation, the same on every rank and in every layout
         critic = wan_discriminator(WanDenoiser(critic), [0, 1])
@@ -129,7 +127,8 @@ def run(run_spec: dict, grad_accum: int, info) -> dict:
                                  generator=WanDenoiser(generator), critic=critic, rollout=rollout, rng=rng)
     else:
         method = DMD(DMDConfig(guidance_scale=3.0), generator=WanDenoiser(generator),
-                     teacher=teacher_denoiser(teacher, mesh), critic=WanDenoiser(critic), rollout=rollout, rng=rng)
+                     teacher=cfg_parallel(WanDenoiser(teacher), mesh.cfg_group), critic=WanDenoiser(critic),
+                     rollout=rollout, rng=rng)
     optim = OptimConfig(lr=LR, betas=(0.0, 0.999), eps=EPS, weight_decay=0.0, grad_clip=10.0)
     train = TrainConfig(max_steps=STEPS, micro_batch_size=1, grad_accum=grad_accum, precision="fp32",
                         dfake_gen_update_ratio=1, log_every=0, seed=SEED, generator_optim=optim,
