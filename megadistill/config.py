@@ -136,7 +136,10 @@ def from_dict(cls, data: dict, where: str = ""):
 
 
 def to_dict(obj) -> Any:
-    """Plain nested dict/list form of a config (for YAML printing and checkpoint metadata)."""
+    """Plain nested dict/list form of a config (for YAML printing and checkpoint metadata). A section
+    that prints differently from its fields (only the selected method's section) has ``config_dict()``."""
+    if hasattr(obj, "config_dict"):
+        return obj.config_dict()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):

@@ -5,7 +5,9 @@
               ``toylab_table`` (the toy lab's table of every method; no trainer)
     run       where the run writes (its checkpoints go to ``<output_dir>/checkpoints``)
     train     the DeepSpeed trainer's loop, optimizers, EMA and checkpoints (engine/config.py)
-    method    which method the trainer distills and its typed config (defaults: upstream Self-Forcing)
+    method    ``name`` of the method the trainer distills and its section ``method.<name>``, typed by the
+              method's config class (defaults: upstream Self-Forcing); only that section is built and
+              printed
     model     ``family`` (models/registry.py) and the networks: ``teacher``, ``generator``, ``critic``,
               typed by the family (Wan: models/wan/run_config.py)
     data      what batches draw from, typed by the family
@@ -15,7 +17,7 @@
               ``sp`` and ``cfg`` (the teacher's conditional / unconditional passes on two ranks); the
               rest of the world is data parallel. Checked against the world size and the models' heads
               before anything is built (jobs/distill.py check_inputs)
-    toylab    the toy lab table (job toylab_table)
+    toylab    the toy lab table (job toylab_table only)
 
 Defaults are the upstream (Self-Forcing, Wan2.1 T2V) values; every shipped YAML in configs/ states
 its deviations from them.
@@ -23,31 +25,20 @@ its deviations from them.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from megadistill.config import ConfigError, from_dict, merge_onto, to_dict
 from megadistill.engine.config import TrainConfig
-from megadistill.methods.causal_diffusion import CausalDiffusionConfig
-from megadistill.methods.dmd import DMDConfig
-from megadistill.methods.gan import GANConfig
-from megadistill.methods.ode_regression import ODERegressionConfig
-from megadistill.methods.sid import SiDConfig
-from megadistill.models.registry import get_family
+from megadistill.methods import METHODS
+from megadistill.models.registry import DEFAULT_FAMILY, MOVED_JOBS, MOVED_SECTIONS, get_family
 from megadistill.parallel.mesh import ParallelConfig
 from megadistill.rollout.config import RolloutConfig
 from megadistill.toylab.config import ToyLabConfig
 
 JOBS = ("distill", "toylab_table")
-DEFAULT_FAMILY = "wan"
-# What the config of the single-family releases had, and where it went (the message of a refused key).
-RENAMED = {
-    "wan": "model: {family: wan, teacher, generator, critic, discriminator_layers}; "
-           "data: {latent_shape, prompts, text_encoder, negative_prompt, first_frames, ode_pairs}; "
-           "rollout: {...}; eval: {...} (wan.X.Y -> model.X.Y for teacher / generator / critic / "
-           "discriminator_layers, data.Y for wan.latent_shape and wan.data.Y, rollout.Y, eval.Y)",
-}
-OLD_JOBS = {"wan": "job: distill with model.family: wan", "toylab": "job: distill with model.family: toy"}
+DEFAULT_METHOD = "dmd"
 
 
 @dataclass
@@ -63,25 +54,57 @@ class RunConfig:
 
 @dataclass
 class MethodConfig:
-    """The method the trainer distills; only the section named by ``name`` is used."""
+    """``method``: ``name`` (a key of ``methods.METHODS``) and that method's section, typed by its
+    config class (``config``); ``method.<name>`` in YAML. Sections of other methods may stay in a file
+    (switch with ``method.name=...``): their keys are checked, they are neither built nor printed."""
 
-    name: str = "dmd"
-    dmd: DMDConfig = field(default_factory=DMDConfig)
-    sid: SiDConfig = field(default_factory=SiDConfig)
-    gan: GANConfig = field(default_factory=GANConfig)
-    ode_regression: ODERegressionConfig = field(default_factory=ODERegressionConfig)
-    # num_frame_per_block comes from rollout (the generator's block), the rest from here
-    causal_diffusion: CausalDiffusionConfig = field(default_factory=CausalDiffusionConfig)
+    name: str = DEFAULT_METHOD
+    config: Any = None
 
     def __post_init__(self):
-        known = [f.name for f in dataclasses.fields(self) if f.name != "name"]
-        if self.name not in known:
-            raise ValueError(f"method.name: unknown method {self.name!r}; known: {known}")
+        if self.name not in METHODS:
+            raise ConfigError(f"method.name: unknown method {self.name!r}; known: {sorted(METHODS)}")
+        cls = METHODS[self.name][1]
+        if self.config is None:
+            self.config = cls()
+        elif not isinstance(self.config, cls):
+            raise ConfigError(f"method.{self.name} is a {type(self.config).__name__}, expected {cls.__name__}")
 
-    @property
-    def config(self):
-        """The typed config of the selected method (e.g. the ``dmd`` section)."""
-        return getattr(self, self.name)
+    @classmethod
+    def from_section(cls, data: dict) -> "MethodConfig":
+        """The ``method`` mapping of a config file: ``name`` and sections named after methods."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"config section 'method' must be a mapping, got {type(data).__name__}")
+        name = data.get("name", DEFAULT_METHOD)
+        if not isinstance(name, str) or name not in METHODS:
+            raise ConfigError(f"method.name: unknown method {name!r}; known: {sorted(METHODS)}")
+        for key, section in data.items():
+            if key == "name" or key == name:
+                continue
+            if key not in METHODS:
+                raise ConfigError(f"unknown config key 'method.{key}': neither 'name' nor a method "
+                                  f"(known: {sorted(METHODS)})")
+            check_keys(METHODS[key][1], section, f"method.{key}")
+        return cls(name, from_dict(METHODS[name][1], data.get(name) or {}, f"method.{name}"))
+
+    def config_dict(self) -> dict:
+        return {"name": self.name, self.name: to_dict(self.config)}
+
+
+def check_keys(cls, section: Any, where: str) -> None:
+    """The keys of a section that is not built (another method's) against its class, recursively."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {type(section).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in section.items():
+        if key not in fields:
+            names = ", ".join(fields)
+            raise ConfigError(f"unknown config key '{where}.{key}' (valid keys: {names})")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            check_keys(hints[key], value, f"{where}.{key}")
 
 
 def _typed(cls, value, where: str):
@@ -98,19 +121,28 @@ class ExperimentConfig:
     job: str = "distill"
     run: RunConfig = field(default_factory=RunConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    method: Any = field(default_factory=MethodConfig)
     model: Any = field(default_factory=dict)
     data: Any = field(default_factory=dict)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: Any = field(default_factory=dict)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    toylab: ToyLabConfig = field(default_factory=ToyLabConfig)
+    toylab: Any = None
 
     def __post_init__(self):
-        if self.job in OLD_JOBS:
-            raise ValueError(f"job {self.job!r} is now {OLD_JOBS[self.job]} (one model-agnostic job)")
+        if self.job in MOVED_JOBS:
+            raise ValueError(f"job {self.job!r} is now {MOVED_JOBS[self.job]} (one model-agnostic job)")
         if self.job not in JOBS:
             raise ValueError(f"job must be one of {JOBS}, got {self.job!r}")
+        if not isinstance(self.method, MethodConfig):
+            self.method = MethodConfig.from_section(self.method)
+        if self.job == "toylab_table":
+            self.toylab = _typed(ToyLabConfig, self.toylab, "toylab")
+        elif self.toylab:
+            raise ConfigError("config section 'toylab' is read only by job toylab_table (this job is "
+                              f"{self.job!r}): remove it, or set job: toylab_table")
+        else:
+            self.toylab = None
         name = self.model.get("family", DEFAULT_FAMILY) if isinstance(self.model, dict) else self.model.family
         try:
             family = get_family(name)
@@ -131,12 +163,19 @@ class ExperimentConfig:
     def uses_trainer(self) -> bool:
         return self.job == "distill"
 
+    def config_dict(self) -> dict:
+        """Every section, the ``toylab`` one only for job toylab_table."""
+        out = {f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        if self.toylab is None:
+            out.pop("toylab")
+        return out
+
     @classmethod
     def config_defaults(cls, data: dict) -> dict:
         """The default tree for the user's ``data`` (load_config): the family-typed sections hold the
         defaults of the family the user names. A key of the single-family releases is refused with
         where it went."""
-        for key, moved in RENAMED.items():
+        for key, moved in MOVED_SECTIONS.items():
             if key in data:
                 raise ConfigError(f"config section '{key}' is gone: its keys moved to {moved}")
         model = data.get("model")
@@ -149,4 +188,7 @@ class ExperimentConfig:
             raise ConfigError(f"model.family: {e}") from None
         tree = to_dict(cls(model={"family": family}))
         tree["rollout"] = merge_onto(tree["rollout"], rollout)
+        tree["method"] = {}  # the selected method's section takes its class's defaults when it is built
+        if data.get("job") == "toylab_table":
+            tree["toylab"] = to_dict(ToyLabConfig())
         return tree

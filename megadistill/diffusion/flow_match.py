@@ -1,4 +1,4 @@
-"""Rectified-flow (FlowMatch) schedule as used by Wan, Self-Forcing and CausVid.
+"""Rectified-flow (FlowMatch) schedule of the flow-prediction video DiTs Self-Forcing and CausVid distil.
 
 Convention (shared by every model and method in megadistill):
     timestep t in [0, T] with T = num_train_timesteps (1000); sigma = t / T

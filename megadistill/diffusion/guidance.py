@@ -1,7 +1,7 @@
 """Classifier-free guidance.
 
 Standard form (diffusers, DMD2 image): out = u + s (c - u); s = 1 is the conditional model.
-Upstream Wan distillation form (Self-Forcing / CausVid / FastVideo ``real_guidance_scale``):
+Upstream video-distillation form (Self-Forcing / CausVid / FastVideo ``real_guidance_scale``):
 out = c + g (c - u), which IS the standard form with s = g + 1 (Self-Forcing's guidance_scale 3.0
 is CFG 4.0). Configs say which form they mean; ``upstream_to_standard`` converts.
 """

@@ -2,7 +2,7 @@
 
 Every function is pure and works in the dtype it is given (tests call them in float64).
 
-Flow family (Wan, rectified flow): x_t = (1 - sigma) x0 + sigma eps, flow v = eps - x0.
+Flow family (rectified flow, the video DiTs): x_t = (1 - sigma) x0 + sigma eps, flow v = eps - x0.
 DDPM family (Gaussian VP): x_t = alpha x0 + sigma eps with alpha = sqrt(alphas_cumprod),
 sigma = sqrt(1 - alphas_cumprod); v-prediction v = alpha eps - sigma x0.
 

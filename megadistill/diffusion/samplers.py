@@ -20,7 +20,7 @@ from .flow_match import FlowMatchSchedule, _expand_like, add_noise_continuous, s
 def flow_inference_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
     """Sigma grid for an N-step Euler flow sampler: linspace(1, 0, N+1)[:-1] shifted, then a terminal 0.
 
-    This is the schedule of upstream Wan / Self-Forcing inference (FlowMatchScheduler with
+    This is the schedule of upstream Self-Forcing inference (FlowMatchScheduler with
     extra_one_step) and yields N model evaluations.
     """
     if num_steps < 1:

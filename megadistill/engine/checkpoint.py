@@ -7,6 +7,7 @@ Layout of ``<root>`` (a directory every rank can see)::
                                  optimizer and LR scheduler of every rank
         rank_00000.pt ...        per rank: EMA shard, RNG states, data position
         trainer_state.json       step counters, world size, ZeRO stage
+        KEEP                     optional: never pruned (e.g. the end of a progressive stage)
         COMPLETE                 written last, before the rename
     latest                       name of the newest complete checkpoint, replaced atomically
     .tmp-step_000000200/         a save in progress (or killed): never read
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+KEEP = "KEEP"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"
@@ -93,9 +95,10 @@ def _barrier() -> None:
 
 
 def prune(root: str, keep_last: int) -> List[str]:
-    """Delete complete checkpoints beyond the newest ``keep_last`` (0 keeps all) and stale temp dirs."""
+    """Delete complete checkpoints beyond the newest ``keep_last`` (0 keeps all; those marked KEEP
+    are neither deleted nor counted) and stale temp dirs."""
     removed = []
-    done = complete_checkpoints(root)
+    done = [(step, path) for step, path in complete_checkpoints(root) if not os.path.isfile(os.path.join(path, KEEP))]
     if keep_last > 0:
         for _, path in done[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
@@ -115,8 +118,10 @@ def save_checkpoint(
     trainer_state: Dict[str, Any],
     keep_last: int,
     rank: int,
+    keep: bool = False,
 ) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path; ``keep`` marks it KEEP
+    (never pruned)."""
     name = step_dir_name(step)
     final = os.path.join(root, name)
     tmp = os.path.join(root, TMP_PREFIX + name)
@@ -134,6 +139,8 @@ def save_checkpoint(
     if rank == 0:
         if not already:
             _fsync_write(os.path.join(tmp, TRAINER_STATE), json.dumps(trainer_state, indent=2, sort_keys=True))
+            if keep:
+                _fsync_write(os.path.join(tmp, KEEP), "kept whatever train.keep_last says\n")
             _fsync_write(os.path.join(tmp, COMPLETE), json.dumps({"step": step}))
             os.rename(tmp, final)
             _fsync_dir(root)

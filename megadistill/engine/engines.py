@@ -136,7 +136,7 @@ def partition_for_zero3(module: nn.Module, ds: Dict[str, Any], mesh=None) -> Non
 
 
 def zero3_partitioner(ds: Dict[str, Any], mesh=None):
-    """``partition`` for parallel.loading.load_wan: under ZeRO-3, partition each block as soon as it is
+    """``partition`` for a family's network loading: under ZeRO-3, partition each block as soon as it is
     loaded, over the group ``partition_for_zero3`` would use (so no rank ever holds a full model);
     None under stages 0-2."""
     if zero_stage(ds) != 3:
@@ -239,6 +239,7 @@ class Engines:
     critic: Optional[Any]
     teacher: Optional[Any]  # optimizer-less engine under ZeRO-3, else None (plain module)
     ds_config: Dict[str, Any]
+    target: Optional[Any] = None  # the method's frozen generator copy (e.g. an EMA target), as the teacher
 
     @property
     def zero_stage(self) -> int:
@@ -252,12 +253,16 @@ class Engines:
         return out
 
 
+FROZEN_ROLES = ("teacher", "target")
+
+
 def method_modules(method) -> Dict[str, Optional[nn.Module]]:
-    """The generator / critic / teacher modules a method holds (methods/base.py attribute names)."""
+    """The generator / critic / teacher / target modules a method holds (methods/base.py attribute
+    names; ``target`` is a frozen copy of the generator that the method updates itself)."""
     return {
         "generator": method.generator,
         "critic": getattr(method, "critic", None),
-        "teacher": getattr(method, "teacher", None),
+        **{role: getattr(method, role, None) for role in FROZEN_ROLES},
     }
 
 
@@ -270,7 +275,7 @@ def build_engines(
     mesh=None,
 ) -> Engines:
     """Engines for ``method``'s models from a validated ds_config (see config.load_ds_config); with
-    a ``mesh`` (``ParallelMesh``) the models must already be parallelized (parallelize_wan)."""
+    a ``mesh`` (``ParallelMesh``) the models must already be parallelized (the family's ``parallelize``)."""
     modules = method_modules(method)
     generator = build_train_engine(modules["generator"], method.generator_parameters(), generator_optim, ds,
                                    "generator", mesh)
@@ -279,10 +284,9 @@ def build_engines(
         if modules["critic"] is None:
             raise ValueError(f"method {method.name!r} has a critic but no .critic module")
         critic = build_train_engine(modules["critic"], method.critic_parameters(), critic_optim, ds, "critic", mesh)
-    teacher = None
-    if modules["teacher"] is not None:
-        teacher = build_frozen(modules["teacher"], ds, device, mesh)
-    return Engines(generator, critic, teacher, ds)
+    frozen = {role: build_frozen(modules[role], ds, device, mesh) if modules[role] is not None else None
+              for role in FROZEN_ROLES}
+    return Engines(generator, critic, frozen["teacher"], ds, target=frozen["target"])
 
 
 def begin_micro_batch(engine) -> None:

@@ -14,7 +14,7 @@ Seeds: rank 0's seed is broadcast, then python/numpy/torch and the named generat
 seed + rank.
 
 Parallel mesh (``mesh``: a ``parallel.mesh.ParallelMesh``; the method's models already parallelized
-with ``parallel.parallelize.parallelize_wan``, the teacher's guided calls split over the cfg group with
+by their family's ``parallelize``, the teacher's guided calls split over the cfg group with
 ``parallel.cfg_parallel.cfg_parallel``): the ranks of one tp x sp x cfg group work on ONE sample, so
 "rank" above means the data-parallel coordinate: seeds are derived from ``mesh.seed_rank`` (dp rank),
 the DeepSpeed batch counts dp replicas (train_batch_size = micro x accum x dp), and the engines get
@@ -28,7 +28,9 @@ cfg all-gather's backward hands each rank its branch's share, see cfg_parallel.p
 cfg that both ZeRO paths take is exactly it, so cfg needs no loss scale of its own. Logged values
 are averaged over all ranks: they are identical within a tp x sp x cfg group, so this is the mean over dp.
 
-Checkpoints every ``save_every`` steps, at the last step, and when SIGTERM / SIGUSR1
+Checkpoints every ``save_every`` steps, where the method asks (``checkpoint_due``: kept whatever
+``keep_last`` says; the method's own state, ``state_dict``, goes in every one), at the last step, and
+when SIGTERM / SIGUSR1
 arrives on any rank (SLURM preemption): the current step is finished, everything is saved, and
 ``train`` returns. A new run in the same checkpoint dir resumes from the latest complete checkpoint and
 continues the loss trajectory bit-for-bit on CPU.
@@ -177,7 +179,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.log_dir, self.sample_fn = log_dir, sample_fn
         # JSON-able facts saved with every checkpoint (the experiment config, the models' configs), so
-        # a checkpoint is self-describing: the merge tool rebuilds a Wan model without being told.
+        # a checkpoint is self-describing: the merge tool rebuilds the family's network without being told.
         self.metadata = dict(metadata or {})
         clash = sorted(set(self.metadata) & TRAINER_STATE_KEYS)
         if clash:
@@ -319,8 +321,9 @@ class Trainer:
                     cb(self, logs)
                 stop = any_rank(preempt.requested)
                 periodic = cfg.save_every and self.step % cfg.save_every == 0
-                if self.checkpoint_dir is not None and (periodic or stop or self.step == cfg.max_steps):
-                    self.save()
+                due = self.method.checkpoint_due(self.step)  # e.g. a progressive stage ended: kept
+                if self.checkpoint_dir is not None and (periodic or due or stop or self.step == cfg.max_steps):
+                    self.save(keep=due)
                 if stop:
                     if self.rank == 0:
                         logger.warning("preempted after step %d; checkpoint saved", self.step)
@@ -365,14 +368,16 @@ class Trainer:
             "rng": capture_rng_state({**self.generators, **self.shared_generators}),
             "data": self.data.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "method": self.method.state_dict(),
         }
 
-    def save(self) -> str:
+    def save(self, keep: bool = False) -> str:
+        """A checkpoint of the current step; ``keep``: exempt from ``train.keep_last`` pruning."""
         if self.checkpoint_dir is None:
             raise ValueError("Trainer has no checkpoint_dir")
         return ckpt.save_checkpoint(
             self.checkpoint_dir, self.step, self.engines.trained(), self.rank_state(), self.trainer_state(),
-            self.train_cfg.keep_last, self.rank,
+            self.train_cfg.keep_last, self.rank, keep=keep,
         )
 
     def resume(self, path: Optional[str] = None) -> Optional[str]:
@@ -386,6 +391,7 @@ class Trainer:
                 raise ValueError(f"checkpoint {path} has no EMA state but train.ema is enabled")
             self.ema.load_state_dict(rank_state["ema"])
         self.data.load_state_dict(rank_state["data"])
+        self.method.load_state_dict(rank_state.get("method", {}))
         restore_rng_state(rank_state["rng"], {**self.generators, **self.shared_generators})
         self.step = int(state["step"])
         self.resumed_from = path

@@ -50,7 +50,8 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     if cfg.rollout.causal and need.generator_forward == "rollout" and not family.causal:
         raise ValueError(f"rollout.kind=causal runs the generator block by block, which model family "
                          f"{family.name!r} does not support: set rollout.kind=bidirectional")
-    method_cls.bind_rollout(cfg.method.config, cfg.rollout)  # a method that cannot use this rollout says so
+    bound = method_cls.bind_rollout(cfg.method.config, cfg.rollout)  # a method that cannot use this rollout says so
+    method_cls.check_steps(bound, cfg.train.max_steps)
     family.check_inputs(cfg, need)
     check_parallel(cfg)
 
@@ -113,7 +114,8 @@ def build_method(cfg: ExperimentConfig, family: ModelFamily, networks: Networks,
                  mesh: Optional[ParallelMesh] = None):
     """The configured method, handed the roles its class declares: the generator's denoiser always; the
     frozen teacher (CFG-parallel over ``mesh.cfg_group`` when parallel.cfg = 2) when it uses one; the
-    critic as its ``critic_kind`` says; the rollout when the generator's forward is the rollout."""
+    critic as its ``critic_kind`` says; the target copy when it keeps one; the rollout when the
+    generator's forward is the rollout."""
     method_cls, _ = get_method(cfg.method.name)
     need = method_cls.needs(cfg.method.config)
     roles = {"generator": family.denoiser(networks.generator)}
@@ -121,6 +123,8 @@ def build_method(cfg: ExperimentConfig, family: ModelFamily, networks: Networks,
         roles["teacher"] = cfg_parallel(family.denoiser(networks.teacher), mesh.cfg_group if mesh else None)
     if need.critic:
         roles["critic"] = family.critic(networks.critic, cfg, method_cls.critic_kind)
+    if need.target:
+        roles["target"] = family.denoiser(networks.target)
     if need.generator_forward == "rollout":
         roles["rollout"] = rollout
     return method_cls(method_cls.bind_rollout(cfg.method.config, cfg.rollout), rng=rng, **roles)
@@ -141,12 +145,12 @@ def run(cfg: ExperimentConfig, ds: dict) -> int:
     if evaluator is not None:
         evaluator.start(student)
     # Rank 0's single-process evaluation above ran on the plain networks; from here on they are split.
-    for net in (networks.teacher, networks.generator, networks.critic):
+    for net in (networks.teacher, networks.generator, networks.critic, networks.target):
         if net is not None:
             family.parallelize(net, mesh)
     rng, rollout_rng = torch.Generator(), torch.Generator()
     method = build_method(cfg, family, networks, build_rollout(cfg.rollout, rollout_rng, rng), rng, mesh)
-    networks.teacher = None  # the method holds it if it uses it; otherwise it is freed here
+    networks.teacher = networks.target = None  # the method holds them if it uses them; else freed here
     # One sample stream per tp x sp x cfg group: seeded from the dp coordinate (mesh.rank_seed).
     batches = SeededBatchSource(family.batches(cfg, need, data), mesh.rank_seed(cfg.train.seed, "data"))
     roles = {"generator": networks.generator, "critic": networks.critic}

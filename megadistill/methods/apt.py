@@ -127,6 +127,16 @@ class APTDistillation(DistillationMethod):
     generator_forward = "parallel"
 
     @classmethod
+    def bind_rollout(cls, config: APTConfig, rollout) -> APTConfig:
+        """APT trains a one-step bidirectional generator: the rollout must be that one step, at T."""
+        steps = rollout.steps.timesteps()
+        if rollout.causal or steps != [float(config.num_train_timesteps)]:
+            raise ValueError(f"APT trains a one-step generator fed t = {config.num_train_timesteps}: set "
+                             f"rollout.kind=bidirectional and rollout.steps.steps=[{config.num_train_timesteps}] "
+                             f"(got kind {rollout.kind!r}, steps {steps})")
+        return config
+
+    @classmethod
     def needs(cls, config: Optional[APTConfig] = None) -> MethodNeeds:
         """``target: teacher`` runs the guided teacher (or reads stored ODE pairs); ``real`` trains on real samples."""
         teacher = config is None or config.target == "teacher"

@@ -237,7 +237,8 @@ class MethodNeeds:
     ``critic``: a trainable critic and critic steps; ``real``: clean samples (``batch.real``);
     ``trajectory``: stored teacher trajectories (``batch.trajectory``); ``generator_forward``:
     ``rollout`` (the configured rollout generates the samples) or ``parallel`` (one forward of the
-    generator on inputs the method makes)."""
+    generator on inputs the method makes); ``target``: a frozen copy of the generator (its weights at
+    the start) that the method updates itself, e.g. consistency's EMA target."""
 
     teacher: bool
     guided_teacher: bool
@@ -245,6 +246,7 @@ class MethodNeeds:
     real: bool
     trajectory: bool
     generator_forward: str
+    target: bool = False
 
     def __post_init__(self):
         if self.generator_forward not in GENERATOR_FORWARDS:
@@ -263,7 +265,11 @@ class DistillationMethod(abc.ABC):
     needs_real: bool = False
     needs_trajectory: bool = False
     generator_forward: str = "rollout"
+    needs_target: bool = False
     critic_kind: str = "denoiser"  # the critic as the method calls it: a score denoiser or a "discriminator"
+    # How the trained student samples: "renoise" (few-step x0 prediction, fresh noise between steps) or
+    # "euler" (deterministic steps along its flow: students trained on the teacher's ODE states).
+    student_sampling: str = "renoise"
 
     @classmethod
     def bind_rollout(cls, config: Any, rollout: Any) -> Any:
@@ -273,12 +279,16 @@ class DistillationMethod(abc.ABC):
         return config
 
     @classmethod
+    def check_steps(cls, config: Any, max_steps: int) -> None:
+        """Raise ValueError when ``train.max_steps`` cannot run this method's schedule. Default: any."""
+
+    @classmethod
     def needs(cls, config: Any = None) -> MethodNeeds:
         """What this method needs with ``config`` (the class attributes; a method whose needs depend on
         its config overrides this)."""
         return MethodNeeds(teacher=cls.uses_teacher, guided_teacher=cls.guided_teacher, critic=cls.has_critic,
                            real=cls.needs_real, trajectory=cls.needs_trajectory,
-                           generator_forward=cls.generator_forward)
+                           generator_forward=cls.generator_forward, target=cls.needs_target)
 
     @abc.abstractmethod
     def generator_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -299,6 +309,20 @@ class DistillationMethod(abc.ABC):
     def student(self) -> Denoiser:
         """The network used at inference (methods keep it as ``self.generator``)."""
         return self.generator
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Training state the method holds besides the trained engines (a target's weights, a stage),
+        this rank's part: the trainer saves it with every checkpoint. Default: none."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no state, but the checkpoint holds {sorted(state)}")
+
+    def checkpoint_due(self, step: int) -> bool:
+        """True when the trainer must save after ``step`` completed steps and keep that checkpoint
+        whatever ``train.keep_last`` says (e.g. the end of a progressive stage). Default: never."""
+        return False
 
 
 def trainable(module: nn.Module) -> List[nn.Parameter]:

@@ -22,8 +22,10 @@ One step (``generator_loss``):
 
 EMA target network. ``target`` is an EMA copy of the student (decay ``ema_decay``; LCM 0.95, 0 makes
 the target the student itself with stop-gradient, as iCT). The method updates it at the start of
-each ``generator_loss`` call: the optimiser step of call n-1 has happened by then, so the target lags
-the student by exactly one update, as in LCM's update-after-step loop.
+each step's first ``generator_loss`` call: the optimiser step of step n-1 has happened by then, so the
+target lags the student by exactly one update, as in LCM's update-after-step loop. Under ZeRO-3 the
+target is partitioned like the generator and updated partition by partition
+(engine/local_weights.py); its weights are part of the method's checkpointed state.
 
 Inference. Multistep consistency sampling = the few-step re-noising sampler
 (``diffusion.samplers.few_step_sample``) on the student's x0 predictions (``student_step_list``).
@@ -41,6 +43,8 @@ from torch import nn
 from megadistill.diffusion.flow_match import _expand_like, add_noise_continuous
 from megadistill.diffusion.losses import LOSS_KINDS, distillation_loss
 from megadistill.diffusion.samplers import flow_inference_sigmas
+
+from megadistill.engine.local_weights import copy_weights_, lerp_weights_, load_local_state, local_state
 
 from .base import Denoiser, DistillationMethod, DistillBatch, MethodNeeds, check_guidance_form, freeze, logs_to_floats
 
@@ -82,14 +86,10 @@ class ConsistencyConfig:
             raise ValueError(f"student_steps must be strictly decreasing and positive, got {self.student_steps}")
 
 
-@torch.no_grad()
 def update_ema(target: nn.Module, online: nn.Module, decay: float) -> None:
-    """target <- decay * target + (1 - decay) * online, parameters and floating buffers."""
-    for p_t, p_o in zip(target.parameters(), online.parameters()):
-        p_t.lerp_(p_o.detach().to(p_t.dtype), 1.0 - decay)
-    for b_t, b_o in zip(target.buffers(), online.buffers()):
-        if b_t.dtype.is_floating_point:
-            b_t.copy_(b_o)
+    """target <- decay * target + (1 - decay) * online, parameters (this rank's parts under ZeRO-3)
+    and floating buffers."""
+    lerp_weights_(target, online, 1.0 - decay)
 
 
 class ConsistencyDistillation(DistillationMethod):
@@ -99,7 +99,16 @@ class ConsistencyDistillation(DistillationMethod):
     name = "consistency"
     has_critic = False
     needs_real = True
+    needs_target = True
     generator_forward = "parallel"
+
+    @classmethod
+    def bind_rollout(cls, config: ConsistencyConfig, rollout) -> ConsistencyConfig:
+        """The student samples at the rollout's steps (a bidirectional student: consistency pairs have
+        no causal blocks)."""
+        if rollout.causal:
+            raise ValueError("consistency distillation trains a bidirectional student: set rollout.kind=bidirectional")
+        return dataclasses.replace(config, student_steps=rollout.steps.timesteps())
 
     @classmethod
     def needs(cls, config: Optional[ConsistencyConfig] = None) -> MethodNeeds:
@@ -113,6 +122,7 @@ class ConsistencyDistillation(DistillationMethod):
         *,
         generator: Denoiser,
         teacher: Optional[Denoiser] = None,
+        target: Optional[Denoiser] = None,
         rng: Optional[torch.Generator] = None,
         **_,
     ):
@@ -121,9 +131,23 @@ class ConsistencyDistillation(DistillationMethod):
         self.cfg = cfg
         self.generator = generator
         self.teacher = teacher
-        self.target = freeze(copy.deepcopy(generator))
+        # The EMA target starts as the generator: a built copy (``target``, e.g. ZeRO-3 partitioned
+        # like the generator) takes its weights; without one, a plain module is copied.
+        if target is None:
+            target = copy.deepcopy(generator)
+        else:
+            copy_weights_(target, generator)
+        self.target = freeze(target)
         self.rng = rng
         self.sigmas = flow_inference_sigmas(cfg.num_grid_steps, cfg.grid_shift)
+        self.ema_step = -1  # the step of the last target update: once per step, whatever grad_accum
+
+    def state_dict(self):
+        return {"target": local_state(self.target), "ema_step": self.ema_step}
+
+    def load_state_dict(self, state) -> None:
+        load_local_state(self.target, state["target"])
+        self.ema_step = int(state["ema_step"])
 
     def student_step_list(self) -> List[float]:
         return [float(s) for s in self.cfg.student_steps]
@@ -139,7 +163,9 @@ class ConsistencyDistillation(DistillationMethod):
         if batch.real is None:
             raise ValueError("consistency distillation needs clean samples in batch.real")
         cfg = self.cfg
-        update_ema(self.target, self.generator, cfg.ema_decay)
+        if step != self.ema_step:  # the first micro-batch of a step: the previous update is done
+            update_ema(self.target, self.generator, cfg.ema_decay)
+            self.ema_step = step
         x0 = batch.real
         sig_a, sig_b = self._pair_sigmas(batch.batch_size, x0.device)
         t_a, t_b = sig_a * cfg.num_train_timesteps, sig_b * cfg.num_train_timesteps

@@ -8,7 +8,9 @@ iff its flow equals
     v* = (x'' - x) / (sigma'' - sigma)          (computed in float64)
 
 and the loss is MSE(v_student, v*) (SeedVR2: MSE on velocity). After each stage the teacher
-becomes a frozen copy of the student and the step count is divided by the stride. The first
+takes the student's weights (the teacher module is overwritten: pass one the caller does not need
+afterwards) and the step count is divided by the stride. Each stage's end is a kept checkpoint; the
+stage and its teacher are the method's checkpointed state, so a run resumes mid-stage exactly. The first
 stage's teacher uses CFG ``guidance_scale``; later stages use ``later_guidance_scale`` (SeedVR2:
 7.5 at 64 steps, 1.0 afterwards), so the final student is sampled without CFG.
 
@@ -19,7 +21,7 @@ is an integer).
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -27,6 +29,8 @@ import torch
 
 from megadistill.diffusion.flow_match import add_noise_continuous
 from megadistill.diffusion.samplers import flow_inference_sigmas
+
+from megadistill.engine.local_weights import copy_weights_, load_local_state, local_state
 
 from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_form, freeze, logs_to_floats
 
@@ -102,6 +106,30 @@ class ProgressiveDistillation(DistillationMethod):
     uses_teacher = guided_teacher = True
     needs_real = True
     generator_forward = "parallel"
+    student_sampling = "euler"
+
+    @classmethod
+    def bind_rollout(cls, config: ProgressiveConfig, rollout) -> ProgressiveConfig:
+        """The final student samples at the rollout's steps: ``end_steps`` is their count, and they must
+        be that student's grid (``flow_inference_sigmas(end_steps, shift)``, no terminal 0)."""
+        if rollout.causal:
+            raise ValueError("progressive distillation trains a bidirectional student: set rollout.kind=bidirectional")
+        steps = rollout.steps.timesteps()
+        bound = dataclasses.replace(config, end_steps=len(steps))
+        grid = [float(s) * config.num_train_timesteps for s in flow_inference_sigmas(len(steps), config.shift)[:-1]]
+        if any(abs(a - b) > 1e-6 * config.num_train_timesteps for a, b in zip(steps, grid)):
+            raise ValueError(f"progressive distillation ends with a {len(steps)}-step Euler student on the shift "
+                             f"{config.shift} grid {[round(g, 4) for g in grid]}, but rollout.steps gives {steps}: set "
+                             "rollout.steps to that grid (warp false, grid false) or change method.progressive.shift")
+        return bound
+
+    @classmethod
+    def check_steps(cls, config: ProgressiveConfig, max_steps: int) -> None:
+        needed = config.num_stages * config.iterations_per_stage
+        if max_steps < needed:
+            raise ValueError(f"progressive distillation runs {config.num_stages} stages of {config.iterations_per_stage} "
+                             f"steps ({config.step_counts()} sampler steps): train.max_steps must be >= {needed}, "
+                             f"got {max_steps}")
 
     def __init__(
         self, cfg: ProgressiveConfig, *, generator: Denoiser, teacher: Denoiser,
@@ -109,10 +137,9 @@ class ProgressiveDistillation(DistillationMethod):
     ):
         self.cfg = cfg
         self.generator = generator
-        self.teacher = teacher
+        self.teacher = freeze(teacher)
         self.rng = rng
         self.stage = 0
-
 
     def stage_for(self, step: int) -> int:
         return min(step // self.cfg.iterations_per_stage, self.cfg.num_stages - 1)
@@ -122,9 +149,23 @@ class ProgressiveDistillation(DistillationMethod):
 
     def _advance_to(self, stage: int) -> None:
         while self.stage < stage:
-            # The student of the finished stage becomes the next stage's (frozen) teacher.
-            self.teacher = freeze(copy.deepcopy(self.generator))
+            # The student of the finished stage becomes the next stage's (frozen) teacher: its weights
+            # are copied into the teacher module (partition by partition under ZeRO-3).
+            copy_weights_(self.teacher, self.generator)
             self.stage += 1
+
+    def checkpoint_due(self, step: int) -> bool:
+        """The end of every stage (``step`` completed steps): its student is kept."""
+        return step % self.cfg.iterations_per_stage == 0 and 0 < step // self.cfg.iterations_per_stage <= self.cfg.num_stages
+
+    def state_dict(self):
+        """The stage and, past the first, its teacher (the previous stage's student, this rank's part)."""
+        return {"stage": self.stage, "teacher": local_state(self.teacher) if self.stage > 0 else None}
+
+    def load_state_dict(self, state) -> None:
+        self.stage = int(state["stage"])
+        if state["teacher"] is not None:
+            load_local_state(self.teacher, state["teacher"])
 
     def teacher_sigmas(self) -> torch.Tensor:
         return flow_inference_sigmas(self.cfg.step_counts()[self.stage], self.cfg.shift)

@@ -23,13 +23,16 @@ from megadistill.methods.base import Denoiser, DistillBatch, MethodNeeds
 class Networks:
     """The job's networks, as the family built them (plain or already split into this rank's shards):
     a frozen ``teacher`` (also the source of the others' initial weights), the trained ``generator``
-    and, for a method with a critic, the trained ``critic``; ``teacher_settings``: how the teacher
-    samples, when its checkpoint says (the demo teacher's guidance and steps), for the evaluator."""
+    and, for a method with a critic, the trained ``critic``; for a method that needs one
+    (``MethodNeeds.target``), a ``target`` built like the generator (the method sets its weights);
+    ``teacher_settings``: how the teacher samples, when its checkpoint says (the demo teacher's
+    guidance and steps), for the evaluator."""
 
     teacher: nn.Module
     generator: nn.Module
     critic: Optional[nn.Module] = None
     teacher_settings: Any = None
+    target: Optional[nn.Module] = None
 
 
 @dataclass

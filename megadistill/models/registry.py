@@ -20,6 +20,15 @@ FAMILIES: Dict[str, str] = {
     "toy": "megadistill.models.toy.family:ToyFamily",
 }
 _loaded: Dict[str, ModelFamily] = {}
+DEFAULT_FAMILY = "wan"  # what ``model.family`` is when a config leaves it out (the embedded demo is Wan)
+# What the config of the single-family releases had, and where it went (the message of a refused key).
+MOVED_SECTIONS = {
+    "wan": "model: {family: wan, teacher, generator, critic, discriminator_layers}; "
+           "data: {latent_shape, prompts, text_encoder, negative_prompt, first_frames, ode_pairs}; "
+           "rollout: {...}; eval: {...} (wan.X.Y -> model.X.Y for teacher / generator / critic / "
+           "discriminator_layers, data.Y for wan.latent_shape and wan.data.Y, rollout.Y, eval.Y)",
+}
+MOVED_JOBS = {"wan": "job: distill with model.family: wan", "toylab": "job: distill with model.family: toy"}
 
 
 def register_family(name: str, family: ModelFamily) -> None:

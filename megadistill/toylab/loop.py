@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from megadistill.methods.base import DistillationMethod, DistillBatch
+from megadistill.methods.consistency import update_ema
 
 from .config import LoopConfig
 
@@ -67,9 +68,3 @@ def train_distillation(
             history.append(logs)
     zero()
     return history
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from megadistill.methods.base import DistillBatch, FewStepRollout
+from megadistill.methods.base import DistillBatch, FewStepRollout, freeze
 from megadistill.methods.dmd import DMD, DMDConfig
 from megadistill.methods.ode_regression import (
     ODERegression, ODERegressionConfig, generate_ode_pairs, guided_flow_fn,
@@ -88,7 +88,8 @@ def progressive_recipe(lab: ToyLab, cfg: ToyLabConfig, num_steps: int) -> Traine
         start_steps=cfg.progressive_start_steps, end_steps=num_steps, stride=2, iterations_per_stage=loop.iterations,
         shift=cfg.shift, guidance_scale=cfg.guidance_scale, later_guidance_scale=1.0, guidance_form="standard",
     )
-    method = ProgressiveDistillation(pcfg, generator=lab.copy_teacher(), teacher=lab.teacher, rng=rng)
+    # Its teacher takes each finished stage's weights: a copy, so the lab's teacher stays as it is.
+    method = ProgressiveDistillation(pcfg, generator=lab.copy_teacher(), teacher=freeze(lab.copy_teacher()), rng=rng)
     total = replace(loop, iterations=loop.iterations * pcfg.num_stages)
     logs = train_distillation(method, lambda step: lab.make_batch(loop.batch_size, rng, with_real=True), total)
     return TrainedStudent(method.generator, method.final_step_list(), "euler", logs)

@@ -55,6 +55,15 @@ def test_prune_keeps_last_k_complete_and_drops_temp_dirs(tmp_path):
     assert len(os.listdir(tmp_path)) == 2
 
 
+def test_prune_never_deletes_or_counts_kept_checkpoints(tmp_path):
+    for step in (5, 10, 15, 20):
+        _complete(tmp_path, step)
+    (tmp_path / ckpt.step_dir_name(5) / ckpt.KEEP).write_text("")  # e.g. a progressive stage's end
+    (tmp_path / ckpt.step_dir_name(15) / ckpt.KEEP).write_text("")
+    ckpt.prune(str(tmp_path), keep_last=1)
+    assert sorted(os.listdir(tmp_path)) == ["step_000000005", "step_000000015", "step_000000020"]
+
+
 class _FakeEngine:
     """Writes and reads a tag directory the way DeepSpeed's save/load_checkpoint does."""
 

@@ -284,7 +284,7 @@ def test_demo_config_matches_the_shipped_teacher():
 
     cfg = load_config(ExperimentConfig, str(DEMO))
     _, settings = load_demo_teacher()
-    dmd = cfg.method.dmd
+    dmd = cfg.method.config
     assert (dmd.guidance_form, dmd.guidance_scale, dmd.timestep_shift) == ("standard", settings.cfg_scale, settings.shift)
     assert cfg.rollout.steps.shift == settings.shift
     assert tuple(cfg.data.latent_shape) == settings.latent_shape(1)[1:]

@@ -1,6 +1,6 @@
 """A discriminator = a backbone (a trainable copy of the teacher) + register-token heads.
 
-Backbone protocol (the toy ``ToyFlowMLP`` and the Wan DiT follow it):
+Backbone protocol (the toy ``ToyFlowMLP`` and every family's DiT feature backbone follow it):
     backbone(x_t, t, cond, return_features=[layer indices]) -> (flow, [hidden_state [B, L, D], ...])
 One forward gives the logits, the hidden states the heads read (SeedVR2's feature matching uses
 them, taken before the heads) and the backbone's own flow prediction, so a critic that is also a

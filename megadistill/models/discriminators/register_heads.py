@@ -1,7 +1,7 @@
 """Register-token cross-attention classifier heads on a backbone's intermediate hidden states.
 
 One learnable register token per chosen backbone layer queries that layer's hidden states
-[B, L, D] (L = tokens; the toy MLP gives L = 1, Wan gives L = F*H*W) with cross-attention. The
+[B, L, D] (L = tokens; the toy MLP gives L = 1, a video DiT L = F*H*W) with cross-attention. The
 per-layer tokens are concatenated and mapped to logits. Two styles:
 
   * ``self_forcing`` (Self-Forcing ``GanAttentionBlock`` + ``cls_pred_branch``):
@@ -13,7 +13,7 @@ per-layer tokens are concatenated and mapped to logits. Two styles:
         concat tokens (+ optional time token) -> LN -> Linear(num_classes)
 
 Register tokens are RMS-normalised before use (as upstream ``RegisterTokens``); q and k get RMSNorm
-(Wan's qk_norm), so the heads stay well conditioned on backbones with large activations.
+(as DiT qk_norm), so the heads stay well conditioned on backbones with large activations.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ class RegisterHeadBlock(nn.Module):
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [B, dim] of timesteps t [B] (cos | sin halves, as Wan's sinusoidal_embedding_1d)."""
+    """Sinusoidal embedding [B, dim] of timesteps t [B] (cos | sin halves, the DiT convention)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
     args = t.double().reshape(-1, 1) * freqs.reshape(1, -1)

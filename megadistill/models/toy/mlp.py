@@ -1,8 +1,8 @@
 """ToyFlowMLP: a class-conditional flow-prediction MLP for low-dimensional data.
 
-It plays the role of a video DiT in the toy lab: same calling convention as the Wan wrapper
+It plays the role of a video DiT in the toy lab: same calling convention as a video family's denoiser
 (x_t, timestep in [0, 1000], condition) -> flow v = eps - x0, and it can return per-block hidden
-states shaped like transformer tokens ([B, 1, hidden]) so discriminator heads written for Wan's
+states shaped like transformer tokens ([B, 1, hidden]) so discriminator heads written for a DiT's
 [B, L, D] features run on it unchanged.
 """
 from __future__ import annotations

@@ -119,7 +119,9 @@ class WanFamily(ModelFamily):
         generator = derive_model(model.generator, model.teacher, teacher, mesh, partition,
                                  **generator_mode(cfg.rollout))
         critic = derive_model(model.critic, model.teacher, teacher, mesh, partition) if needs.critic else None
-        return Networks(teacher, generator, critic, teacher_settings=settings)
+        target = derive_model(model.generator, model.teacher, teacher, mesh, partition,
+                              **generator_mode(cfg.rollout)) if needs.target else None
+        return Networks(teacher, generator, critic, teacher_settings=settings, target=target)
 
     def denoiser(self, network: nn.Module) -> WanDenoiser:
         return WanDenoiser(network)
