@@ -135,6 +135,22 @@ def from_dict(cls, data: dict, where: str = ""):
         raise ConfigError(f"invalid config section '{where or '<root>'}': {e}") from e
 
 
+def check_keys(cls, data: Any, where: str) -> None:
+    """The keys of a section that is kept but not built (e.g. a method not selected) against dataclass
+    ``cls``, recursively, with ``from_dict``'s errors."""
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = get_type_hints(cls)
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(cls, key, where)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            check_keys(hints[key], value, _join(where, key))
+
+
 def to_dict(obj) -> Any:
     """Plain nested dict/list form of a config (for YAML printing and checkpoint metadata). A section
     that prints differently from its fields (only the selected method's section) has ``config_dict()``."""

@@ -25,11 +25,10 @@ its deviations from them.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from megadistill.config import ConfigError, from_dict, merge_onto, to_dict
+from megadistill.config import ConfigError, check_keys, from_dict, merge_onto, to_dict
 from megadistill.engine.config import TrainConfig
 from megadistill.methods import METHODS
 from megadistill.models.registry import DEFAULT_FAMILY, MOVED_JOBS, MOVED_SECTIONS, get_family
@@ -89,22 +88,6 @@ class MethodConfig:
 
     def config_dict(self) -> dict:
         return {"name": self.name, self.name: to_dict(self.config)}
-
-
-def check_keys(cls, section: Any, where: str) -> None:
-    """The keys of a section that is not built (another method's) against its class, recursively."""
-    if section is None:
-        return
-    if not isinstance(section, dict):
-        raise ConfigError(f"config section '{where}' must be a mapping, got {type(section).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key, value in section.items():
-        if key not in fields:
-            names = ", ".join(fields)
-            raise ConfigError(f"unknown config key '{where}.{key}' (valid keys: {names})")
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            check_keys(hints[key], value, f"{where}.{key}")
 
 
 def _typed(cls, value, where: str):

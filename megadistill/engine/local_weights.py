@@ -45,20 +45,20 @@ def _pairs(target: nn.Module, source: nn.Module) -> Iterator[Tuple[str, torch.Te
         yield name, p_t, p_s
 
 
-def _combine(target: nn.Module, source: nn.Module, op) -> None:
-    """``op(target_part, source_part)`` in place on every parameter's part, and on the full data of a
-    target parameter ZeRO-3 keeps gathered (the source's full data is gathered for it if need be:
-    such parameters are small); floating buffers are copied."""
-    for _, p_t, p_s in _pairs(target, source):
-        op(local_tensor(p_t), local_tensor(p_s))
-        if _gathered_now(p_t):
-            if _gathered_now(p_s):
-                op(p_t.data, p_s.data)
-            else:
-                import deepspeed
+def _refuse_gathered(name: str, p: torch.Tensor) -> None:
+    """A target parameter ZeRO-3 keeps gathered would go on computing with its old full copy. A frozen
+    module called directly is never kept gathered (measured: tests/engine/test_local_weights.py);
+    should one be, this says so instead of training against stale weights."""
+    if _gathered_now(p):
+        raise RuntimeError(f"parameter {name} is kept gathered by ZeRO-3, so an update of its partition would "
+                           "not reach its forward: build the target as a frozen module (engines.build_frozen)")
 
-                with deepspeed.zero.GatheredParameters([p_s], modifier_rank=None):
-                    op(p_t.data, p_s.data)
+
+def _combine(target: nn.Module, source: nn.Module, op) -> None:
+    """``op(target_part, source_part)`` in place on every parameter's part; floating buffers are copied."""
+    for name, p_t, p_s in _pairs(target, source):
+        _refuse_gathered(name, p_t)
+        op(local_tensor(p_t), local_tensor(p_s))
     for b_t, b_s in zip(target.buffers(), source.buffers()):
         if b_t.dtype.is_floating_point:
             b_t.copy_(b_s)
@@ -90,9 +90,7 @@ def load_local_state(module: nn.Module, state: Dict[str, torch.Tensor]) -> None:
         raise KeyError(f"saved weights do not match the module: missing {sorted(named.keys() - state.keys())[:3]}, "
                        f"unexpected {sorted(state.keys() - named.keys())[:3]}")
     for name, p in named.items():
-        if _gathered_now(p):  # its gathered copy would keep the old values
-            raise RuntimeError(f"parameter {name} is already gathered by ZeRO-3: load saved parts before the "
-                               "first forward")
+        _refuse_gathered(name, p)
         a = local_tensor(p)
         if a.shape != state[name].shape:
             raise ValueError(f"parameter {name}: saved part {tuple(state[name].shape)}, this rank holds {tuple(a.shape)}")
