@@ -83,7 +83,7 @@ def _worker(args) -> None:
         return _zero3_worker(args)
     from megadistill.models.wan import build_wan, load_wan_checkpoint
     from megadistill.models.wan.loading import load_wan
-    from megadistill.parallel.tensor_parallel import apply_tensor_parallel
+    from megadistill.models.wan.parallelize import apply_tensor_parallel
 
     dtype = getattr(torch, args.dtype)
     group = None

@@ -33,8 +33,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megadistill.models.wan import CrossAttnCache, build_wan, new_kv_cache  # noqa: E402
-from megadistill.parallel import sequence_parallel as sp_module  # noqa: E402
-from megadistill.parallel.sequence_parallel import apply_sequence_parallel  # noqa: E402
+from megadistill.models.wan.parallelize import apply_sequence_parallel  # noqa: E402
+from megadistill.parallel import comm as sp_module  # noqa: E402
 
 
 def staged(collective):

@@ -39,31 +39,7 @@ from torch import nn
 
 from megadistill.diffusion.guidance import cfg, cfg_upstream
 from megadistill.methods.base import Denoiser, check_guidance_form, is_unguided
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """all_gather over ``group`` -> [world, *x.shape]; backward: this rank's slice of the gradient
-    summed over the group (the gradient of the sum of every rank's loss w.r.t. this rank's x)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x, group=group)
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
-
-
-def all_gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
-    """Every rank's ``x`` stacked in group-rank order, [world, *x.shape], differentiable (see
-    ``_AllGatherWithGrad``). Every rank must pass a tensor of the same shape and dtype."""
-    return _AllGatherWithGrad.apply(x, group)
+from megadistill.parallel.comm import all_gather_with_grad
 
 
 def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float, form: str) -> torch.Tensor:

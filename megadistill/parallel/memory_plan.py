@@ -39,6 +39,7 @@ import torch
 
 from megadistill.models.wan.config import PRESETS, WanConfig, wan_config
 from megadistill.parallel.mesh import ParallelConfig
+from megadistill.parallel.tensor_parallel import TensorParallelPlan, plan_partition
 
 GIB = 2**30
 PRECISIONS = ("bf16", "fp32")
@@ -51,17 +52,6 @@ ROLES = ("generator", "critic", "teacher")
 # Wan VAE strides (frames, height, width): Wan2.1 (16 latent channels) 4x8x8, Wan2.2 TI2V (48) 4x16x16.
 VAE_STRIDE_WAN21 = (4, 8, 8)
 VAE_STRIDE_WAN22 = (4, 16, 16)
-
-# Megatron TP of a Wan block (by parameter name, original Wan keys). Column-parallel layers split their
-# output features: weight rows and bias. Row-parallel layers split their input features: weight
-# columns only; the bias is added once, after the all-reduce, so it is replicated. The full-width q/k
-# RMSNorm weights follow the heads. Everything else (embeddings, norms, modulation, head) is replicated.
-# This mirrors tensor_parallel.apply_tensor_parallel (the tests compare them parameter by parameter); a
-# name rule keeps the plan free of process groups.
-TP_COLUMN_PARALLEL = ("self_attn.q.", "self_attn.k.", "self_attn.v.", "self_attn.qkv.", "cross_attn.q.",
-                      "cross_attn.k.", "cross_attn.v.", "cross_attn.k_img.", "cross_attn.v_img.", "ffn.0.")
-TP_ROW_PARALLEL = ("self_attn.o.", "cross_attn.o.", "ffn.2.")
-TP_HEAD_NORMS = ("norm_q.", "norm_k.", "norm_k_img.")
 
 # DeepSpeed 0.19 ZeRO defaults (element counts; configs/zero3.json sets smaller buckets).
 DS_DEFAULT_REDUCE_BUCKET = 500_000_000
@@ -226,13 +216,6 @@ def token_grid(latent: tuple[int, int, int], patch: tuple[int, int, int]) -> tup
 
 # ----------------------------------------------------------------------------------- parameter counts
 
-def tp_sharded(name: str) -> bool:
-    """Whether tensor parallelism splits parameter ``name`` over the TP ranks (see TP_* above)."""
-    if any(p in name for p in TP_COLUMN_PARALLEL) or any(p in name for p in TP_HEAD_NORMS):
-        return True
-    return any(p in name for p in TP_ROW_PARALLEL) and name.endswith(".weight")
-
-
 @dataclass(frozen=True)
 class ModelParams:
     """Exact parameter sizes of one model on one TP rank: ``local`` numel of every parameter (module
@@ -256,16 +239,19 @@ class ModelParams:
 _BLOCK = re.compile(r"^(.*?blocks\.\d+)\.")
 
 
-def count_parameters(model: torch.nn.Module, tp: int, preset: str = "") -> ModelParams:
-    """ModelParams of a built model (meta or real). A sharded parameter's first dim (out features for
-    column-parallel, channels for norms) or, for row-parallel weights, second dim must divide by tp."""
+def count_parameters(model: torch.nn.Module, tp: int, preset: str = "",
+                     plan: Optional[TensorParallelPlan] = None) -> ModelParams:
+    """ModelParams of a built model (meta or real) split ``tp`` ways as the family's tensor-parallel
+    ``plan`` says (the one ``parallelize_module`` applies; None: every parameter replicated). A
+    sharded parameter's split dim must divide by tp."""
     names, local, sharded, replicated = [], [], 0, 0
     blocks: dict[str, int] = {}
     for name, p in model.named_parameters():
         n = p.numel()
-        if tp_sharded(name):
-            dim = 1 if any(r in name for r in TP_ROW_PARALLEL) else 0
-            if p.shape[dim] % tp:
+        split = None if plan is None else plan_partition(plan, name)
+        if split is not None:
+            dim, chunks = split
+            if p.shape[dim] % (tp * chunks):
                 raise ValueError(f"{preset or 'model'}: {name} {tuple(p.shape)} dim {dim} is not divisible by tp={tp}")
             sharded += n
             n //= tp
@@ -290,7 +276,9 @@ def _meta_model(preset: str) -> torch.nn.Module:
 @functools.lru_cache(maxsize=None)
 def model_parameters(preset: str, tp: int = 1) -> ModelParams:
     """ModelParams of a Wan preset, built (once) on the meta device: no memory, real module structure."""
-    return count_parameters(_meta_model(preset), tp, preset)
+    from megadistill.models.wan.parallelize import TP_PLAN
+
+    return count_parameters(_meta_model(preset), tp, preset, TP_PLAN)
 
 
 # ------------------------------------------------------------------------- exact ZeRO partition sizes

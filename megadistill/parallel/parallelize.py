@@ -1,9 +1,8 @@
-"""Apply the mesh to Wan models, and move their weights between the full and the tensor-parallel form.
+"""What the trainer asks of the mesh whatever the family: size checks, whether DeepSpeed needs an mpu,
+and the full <-> tensor-parallel weight exchange.
 
-``parallelize_wan(model, mesh)`` is the one place that reads the mesh and rewires a WanModel / WanMoE
-(generator, critic and teacher alike): Megatron tensor parallelism over ``mesh.tp_group`` first, which
-leaves each rank num_heads / tp heads, then Ulysses sequence parallelism over ``mesh.sp_group``, which
-splits those heads again around self-attention. Degree-1 dimensions change nothing. CFG parallelism
+A family applies the mesh to its own networks (``ModelFamily.parallelize``, its recipe in
+``models/<family>/parallelize.py``: a data-only TP plan, then its sequence layout). CFG parallelism
 is no model transform: it wraps the teacher's denoiser (``cfg_parallel.cfg_parallel(denoiser,
 mesh.cfg_group)``, done where the job builds the method).
 
@@ -17,27 +16,9 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-from torch import nn
-
 from .mesh import ParallelConfig, ParallelMesh
-from .sequence_parallel import apply_sequence_parallel
-from .tensor_parallel import apply_tensor_parallel, sharded_parameters
 # The full <-> TP-sharded weight helpers live with the TP layers; the trainer reaches them through here.
 from .tensor_parallel import gather_tensor_parallel, shard_tensor_parallel, tensor_parallel_layout
-
-
-def parallelize_wan(model: nn.Module, mesh: ParallelMesh) -> nn.Module:
-    """Tensor then sequence parallelism of ``mesh`` on a WanModel / WanMoE, in place; returns it.
-
-    A model from ``parallel.loading.load_wan(..., tp_group=mesh.tp_group)`` is already split over TP
-    (each rank read only its shards); a full model (the demo's) is split here, each TP rank keeping
-    its shard. Under ZeRO-3 the module is partitioned over ``mesh.sequence_data_group``, while loading
-    (``engines.zero3_partitioner``) or by the engines.
-    """
-    if not sharded_parameters(model):
-        apply_tensor_parallel(model, mesh.tp_group)  # no-op for tp = 1
-    apply_sequence_parallel(model, mesh.sp_group)  # no-op for sp = 1; splits the tp-local heads
-    return model
 
 
 def check_parallel_sizes(parallel: ParallelConfig, world_size: int, heads: Mapping[str, int]) -> int:
@@ -56,5 +37,5 @@ def uses_model_parallel(mesh: Optional[ParallelMesh]) -> bool:
     return mesh is not None and (mesh.tp > 1 or mesh.sp > 1 or mesh.cfg > 1)
 
 
-__all__ = ["check_parallel_sizes", "gather_tensor_parallel", "parallelize_wan", "shard_tensor_parallel",
+__all__ = ["check_parallel_sizes", "gather_tensor_parallel", "shard_tensor_parallel",
            "tensor_parallel_layout", "uses_model_parallel"]

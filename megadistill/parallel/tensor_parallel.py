@@ -1,115 +1,57 @@
-"""Megatron tensor parallelism for Wan, applied from outside the model by swapping submodules.
+"""Megatron tensor parallelism, applied from outside a model by a data-only plan.
 
-Per block (``apply_tensor_parallel``): q/k/v (or the fused qkv) and ffn[0] become column-parallel
-(output features split: each rank owns num_heads / tp heads and ffn_dim / tp hidden units), o and ffn[2]
-row-parallel (input features split, outputs summed across the TP group), and the q/k norms become
-``TPRMSNorm``: Wan normalises q and k over the FULL width (all heads) before the head split, so the
-mean of squares is a sum of local sums of squares all-reduced across TP. Everything else (patch, text
-and time embeddings, modulation, layer norms, the head) stays replicated.
+A family states WHICH layers split in a ``TensorParallelPlan`` (module-path patterns -> a style, in
+``models/<family>/parallelize.py``); ``parallelize_module(model, plan, group)`` swaps those
+submodules for the parallel layers here, and the memory planner reads the same plan
+(``plan_partition``) to count each rank's parameters without building anything:
 
-Communication (Megatron's f/g operators): a column-parallel layer's input passes through
-``copy_to_tp`` (identity forward, all-reduce backward) and a row-parallel layer's output through
-``reduce_from_tp`` (all-reduce forward, identity backward). Every TP region is bracketed by the two,
-so outside the regions activations AND their gradients are full and identical on all TP ranks.
-Each column-parallel layer brackets its own input, so separate q, k, v all-reduce their (equal-sized)
-input gradients three times in backward where a fused qkv does it once: prefer ``fused_qkv`` with TP.
+- ``Colwise(chunks)``: a Linear's output features split (weight rows and bias): each rank owns
+  out / tp features. ``chunks`` > 1: the output is that many concatenated parts (fused q/k/v), each
+  split on its own.
+- ``Rowwise()``: a Linear's input features split (weight columns); its outputs are summed across the
+  group and the replicated bias added once, after the reduction.
+- ``FullWidthNorm()``: an RMSNorm (``weight``, ``eps``) over the FULL width of a column-sharded input
+  (q/k norms normalising all heads before the head split): the mean of squares is a sum of local sums
+  of squares all-reduced across TP (``TPRMSNorm``). A pattern that meets an element-wise module
+  without weight (nn.Identity) leaves it alone.
+- ``plan.heads``: modules whose ``num_heads`` attribute becomes num_heads / tp.
+
+Communication (Megatron's f/g operators, parallel/comm.py): a column-parallel layer's input passes
+through ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward) and a
+row-parallel layer's output through ``reduce_from_tensor_model_parallel_region`` (all-reduce forward,
+identity backward). Every TP region is bracketed by the two, so outside the regions activations AND
+their gradients are full and identical on all TP ranks. Each column-parallel layer brackets its own
+input, so separate q, k, v all-reduce their (equal-sized) input gradients three times in backward
+where a fused qkv does it once: prefer fused qkv with TP.
 
 Gradients of replicated parameters therefore need NO extra all-reduce across TP: each replicated
-parameter is used only on replicated activations, whose incoming gradient (after copy_to_tp's
-backward all-reduce) is the full gradient, so every TP rank computes the full, identical gradient
-(tested against the single-process model). Megatron's extra all-reduce of norm/AdaLN gradients is for
+parameter is used only on replicated activations, whose incoming gradient (after the copy's backward
+all-reduce) is the full gradient, so every TP rank computes the full, identical gradient (tested
+against the single-process model). Megatron's extra all-reduce of norm/AdaLN gradients is for
 Megatron-style sequence parallelism, where the replicated layers see only a slice of the tokens; here
 the Ulysses SP ranks' partial gradients are summed by ZeRO over the sequence_data group instead.
 
 Sharded parameters keep their names (``self_attn.q.weight`` ...) and carry Megatron's attributes
 ``tensor_model_parallel = True``, ``partition_dim`` and ``partition_chunks`` (DeepSpeed's gradient-norm
 code counts them on every TP rank, replicated ones once). Checkpoints stay unsharded: load the full
-state dict into the unsharded model, then ``apply_tensor_parallel``, or (never holding the full model)
-build on the meta device, apply TP, materialise (``to_empty``) and ``load_unsharded_state_dict``;
+state dict into the unsharded model, then parallelize, or (never holding the full model) build on the
+meta device, parallelize, materialise (``to_empty``) and ``load_unsharded_state_dict``;
 ``gather_tensor_parallel_state_dict`` rebuilds the full state dict (original keys and shapes) with
 ``gather_tensor_parallel``, the dict-level gather the trainer also uses (ZeRO-gathered shards, EMA).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megadistill.models.wan.blocks import WanBlock
-from megadistill.models.wan.norms import WanRMSNorm
-
-
-def group_size(group: Any) -> int:
-    """Size of a process group; None (no group) counts as 1."""
-    return 1 if group is None else dist.get_world_size(group)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Autograd communication primitives
-# ---------------------------------------------------------------------------------------------------
-
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward, all-reduce (sum) backward: the input of a column-parallel region."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """All-reduce (sum) forward, identity backward: the output of a row-parallel region."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum across ranks forward AND backward: a partial statistic that every rank then consumes with
-    its own slice (the RMSNorm sum of squares). Each rank's backward holds the gradient through its
-    own slice only; the statistic's true gradient is the sum of them."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def copy_to_tp(x: torch.Tensor, group: Any) -> torch.Tensor:
-    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group: Any) -> torch.Tensor:
-    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
-
-
-def all_reduce_sum(x: torch.Tensor, group: Any) -> torch.Tensor:
-    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
-
+from megadistill.parallel.comm import (all_reduce_sum, copy_to_tensor_model_parallel_region, group_size,
+                                       reduce_from_tensor_model_parallel_region)
 
 # ---------------------------------------------------------------------------------------------------
 # Sharding of one tensor
@@ -200,7 +142,7 @@ class ColumnParallelLinear(_TPLayer):
         return cls(w, b, group, linear.in_features, chunks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
+        return F.linear(copy_to_tensor_model_parallel_region(x, self.group), self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} (local), "
@@ -224,7 +166,7 @@ class RowParallelLinear(_TPLayer):
         return cls(w, _replicated_parameter(linear.bias), group, linear.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = reduce_from_tp(F.linear(x, self.weight), self.group)
+        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight), self.group)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -239,9 +181,9 @@ def tp_rms_normalize(x: torch.Tensor, full_dim: int, eps: float, group: Any) -> 
 
 
 class TPRMSNorm(_TPLayer):
-    """``WanRMSNorm`` over the full width for a column-sharded input: the weight holds this rank's
-    slice; statistics in float32 across the TP group, then WanRMSNorm's order (cast back to the input
-    dtype, then scale)."""
+    """An RMSNorm over the full width for a column-sharded input: the weight holds this rank's slice;
+    statistics in float32 across the TP group, then cast back to the input dtype, then scale (the
+    order of the families' q/k norms)."""
 
     partition = {"weight": (0, 1)}
 
@@ -250,7 +192,7 @@ class TPRMSNorm(_TPLayer):
         self.weight, self.full_dim, self.eps = weight, full_dim, eps
 
     @classmethod
-    def from_norm(cls, norm: WanRMSNorm, group: Any) -> "TPRMSNorm":
+    def from_norm(cls, norm: nn.Module, group: Any) -> "TPRMSNorm":
         return cls(_sharded_parameter(norm.weight, 0, group, 1), norm.weight.shape[0], norm.eps, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,72 +221,125 @@ def mark_tensor_parallel_parameters(model: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Applying TP to a Wan model
+# The plan, and applying it
 # ---------------------------------------------------------------------------------------------------
 
-def wan_blocks(model: nn.Module) -> list[WanBlock]:
-    """Every WanBlock of a WanModel, a WanMoE (both experts) or any module holding them."""
-    return [m for m in model.modules() if isinstance(m, WanBlock)]
+@dataclass(frozen=True)
+class Colwise:
+    """Split a Linear's output features (``chunks`` concatenated parts, each split)."""
+
+    chunks: int = 1
 
 
-def check_tensor_parallel(model: nn.Module, tp: int) -> None:
+@dataclass(frozen=True)
+class Rowwise:
+    """Split a Linear's input features; outputs summed over the group, bias replicated."""
+
+
+@dataclass(frozen=True)
+class FullWidthNorm:
+    """An RMSNorm (``weight``, ``eps``) over the full width of a column-sharded input."""
+
+
+Style = Union[Colwise, Rowwise, FullWidthNorm]
+
+
+@dataclass(frozen=True)
+class TensorParallelPlan:
+    """Which submodules split, by module path: ``layers`` maps an fnmatch pattern (``*`` matches dots
+    too: ``*blocks.*.ffn.0`` meets ``blocks.3.ffn.0`` and ``high_noise_model.blocks.3.ffn.0``) to a
+    style; ``heads`` lists the patterns of modules whose ``num_heads`` divides by tp. The first
+    matching pattern wins. No process group, no module: data a planner can read."""
+
+    layers: Mapping[str, Style]
+    heads: Tuple[str, ...] = ()
+    unit: str = "block"  # what one pattern set covers, for messages
+
+    def style(self, module_path: str) -> Optional[Style]:
+        for pattern, style in self.layers.items():
+            if fnmatch.fnmatchcase(module_path, pattern):
+                return style
+        return None
+
+    def splits_heads(self, module_path: str) -> bool:
+        return any(fnmatch.fnmatchcase(module_path, p) for p in self.heads)
+
+
+def plan_partition(plan: TensorParallelPlan, param_name: str) -> Optional[Tuple[int, int]]:
+    """(dim, chunks) along which the plan splits parameter ``param_name`` (``module.named_parameters``
+    names), or None when it stays replicated: what ``parallelize_module`` will do, without a model."""
+    module_path, _, pname = param_name.rpartition(".")
+    style = plan.style(module_path)
+    if isinstance(style, Colwise) and pname in ("weight", "bias"):
+        return 0, style.chunks
+    if isinstance(style, Rowwise) and pname == "weight":
+        return 1, 1
+    if isinstance(style, FullWidthNorm) and pname == "weight":
+        return 0, 1
+    return None
+
+
+def _planned_modules(model: nn.Module, plan: TensorParallelPlan) -> list[tuple[str, nn.Module, Style]]:
+    out = []
+    for path, module in model.named_modules():
+        style = plan.style(path)
+        if style is None or (isinstance(style, FullWidthNorm) and getattr(module, "weight", None) is None):
+            continue  # an element-wise norm (nn.Identity when qk_norm is off): nothing to shard
+        out.append((path, module, style))
+    return out
+
+
+def check_tensor_parallel(model: nn.Module, plan: TensorParallelPlan, tp: int) -> None:
     """Raise ValueError (before anything is modified) when ``model`` cannot be split ``tp`` ways."""
-    blocks = wan_blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no WanBlock to apply tensor parallelism to")
-    for block in blocks:
-        if any(isinstance(m, _TPLayer) for m in block.modules()):
-            raise ValueError("tensor parallelism is already applied to this model")
-        heads, ffn_dim = block.self_attn.num_heads, block.ffn[0].out_features
-        if heads % tp:
+    planned = _planned_modules(model, plan)
+    if not planned:
+        raise ValueError(f"{type(model).__name__} has no {plan.unit} to apply tensor parallelism to")
+    if any(isinstance(m, _TPLayer) for m in model.modules()):
+        raise ValueError("tensor parallelism is already applied to this model")
+    for path, module in model.named_modules():
+        if plan.splits_heads(path) and module.num_heads % tp:
+            heads = module.num_heads
             valid = ", ".join(str(d) for d in range(1, heads + 1) if heads % d == 0)
             raise ValueError(f"tensor parallel size {tp} does not divide the model's {heads} heads "
                              f"(tp must be one of {valid})")
-        if ffn_dim % tp:
-            raise ValueError(f"tensor parallel size {tp} does not divide the model's ffn_dim {ffn_dim}")
+    for path, module, style in planned:
+        if isinstance(style, Colwise) and module.out_features % (style.chunks * tp):
+            raise ValueError(f"tensor parallel size {tp} does not divide the {module.out_features // style.chunks} "
+                             f"output features of {path}")
+        if isinstance(style, Rowwise) and module.in_features % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide the {module.in_features} "
+                             f"input features of {path}")
+        if isinstance(style, FullWidthNorm) and module.weight.shape[0] % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide the width {module.weight.shape[0]} of {path}")
 
 
-def _parallel_norm(norm: nn.Module, group: Any) -> nn.Module:
-    # qk_norm=False gives nn.Identity: element-wise, nothing to shard.
-    return TPRMSNorm.from_norm(norm, group) if isinstance(norm, WanRMSNorm) else norm
+def _parallel_layer(module: nn.Module, style: Style, group: Any) -> nn.Module:
+    if isinstance(style, Colwise):
+        return ColumnParallelLinear.from_linear(module, group, chunks=style.chunks)
+    if isinstance(style, Rowwise):
+        return RowParallelLinear.from_linear(module, group)
+    return TPRMSNorm.from_norm(module, group)
 
 
-def _parallelize_block(block: WanBlock, group: Any, tp: int) -> None:
-    sa, ca = block.self_attn, block.cross_attn
-    if sa.fused_qkv:
-        sa.qkv = ColumnParallelLinear.from_linear(sa.qkv, group, chunks=3)
-    else:
-        sa.q, sa.k, sa.v = (ColumnParallelLinear.from_linear(lin, group) for lin in (sa.q, sa.k, sa.v))
-    sa.o = RowParallelLinear.from_linear(sa.o, group)
-    sa.norm_q, sa.norm_k = _parallel_norm(sa.norm_q, group), _parallel_norm(sa.norm_k, group)
-    sa.num_heads //= tp
+def parallelize_module(model: nn.Module, plan: TensorParallelPlan, tp_group: Any) -> nn.Module:
+    """Split ``model``'s submodules as ``plan`` says across ``tp_group``, in place; returns it.
 
-    ca.q, ca.k, ca.v = (ColumnParallelLinear.from_linear(lin, group) for lin in (ca.q, ca.k, ca.v))
-    ca.o = RowParallelLinear.from_linear(ca.o, group)
-    ca.norm_q, ca.norm_k = _parallel_norm(ca.norm_q, group), _parallel_norm(ca.norm_k, group)
-    if ca.image_branch:
-        ca.k_img, ca.v_img = (ColumnParallelLinear.from_linear(lin, group) for lin in (ca.k_img, ca.v_img))
-        ca.norm_k_img = _parallel_norm(ca.norm_k_img, group)
-    ca.num_heads //= tp
-
-    block.ffn[0] = ColumnParallelLinear.from_linear(block.ffn[0], group)
-    block.ffn[2] = RowParallelLinear.from_linear(block.ffn[2], group)
-
-
-def apply_tensor_parallel(model: nn.Module, tp_group: Any) -> nn.Module:
-    """Split every WanBlock of ``model`` (WanModel or WanMoE) across ``tp_group``, in place; returns it.
-
-    Load the unsharded weights first: each rank keeps its shard of them. A group of size 1 (or None)
-    leaves the model untouched. ValueError, before anything changes, when heads or ffn_dim do not
-    divide by the group size. Apply it before sequence parallelism, which splits the (then local)
-    heads again.
+    Load the unsharded weights first: each rank keeps its shard of them (or build on meta, split,
+    materialise and ``load_unsharded_state_dict``). A group of size 1 (or None) leaves the model
+    untouched. ValueError, before anything changes, when a split does not divide. Apply it before
+    sequence parallelism, which splits the (then local) heads again.
     """
     tp = group_size(tp_group)
     if tp == 1:
         return model
-    check_tensor_parallel(model, tp)
-    for block in wan_blocks(model):
-        _parallelize_block(block, tp_group, tp)
+    check_tensor_parallel(model, plan, tp)
+    for path, module, style in _planned_modules(model, plan):
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, _parallel_layer(module, style, tp_group))  # nn.Sequential: "0" works too
+    for path, module in model.named_modules():
+        if plan.splits_heads(path):
+            module.num_heads //= tp
     return model
 
 

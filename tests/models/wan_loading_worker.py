@@ -59,7 +59,7 @@ def write_checkpoints(root: Path) -> None:
 
 def current_path(preset: str, overrides: dict, path: Path, tp_group=None, dtype=None) -> torch.nn.Module:
     """Today's loading: full random-initialised model, full weights copied in, then the TP split."""
-    from megadistill.parallel.tensor_parallel import apply_tensor_parallel
+    from megadistill.models.wan.parallelize import apply_tensor_parallel
 
     model = build_wan(preset, text_len=TEXT_LEN, dtype=dtype, **overrides)
     load_wan_checkpoint(model, path)

@@ -18,7 +18,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from megadistill.models.wan.model import build_wan  # noqa: E402
-from megadistill.parallel.tensor_parallel import apply_tensor_parallel  # noqa: E402
+from megadistill.models.wan.parallelize import apply_tensor_parallel  # noqa: E402
 
 
 def main(out_path: str, cases: list[str]) -> None:

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from megadistill.parallel.mesh import GROUP_DIMS, ParallelConfig, ParallelMesh
-from megadistill.parallel.tensor_parallel import apply_tensor_parallel, gather_tensor_parallel_state_dict
+from megadistill.models.wan.parallelize import apply_tensor_parallel
+from megadistill.parallel.tensor_parallel import gather_tensor_parallel_state_dict
 
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 4, 1), (4, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)]
 DEEPSPEED_LAYOUTS = [(1, 2, 1), (2, 1, 1), (1, 1, 2)]

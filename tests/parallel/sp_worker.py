@@ -121,7 +121,7 @@ def generate(model) -> torch.Tensor:
 
 def bf16_forward(name: str, sp_group=None) -> torch.Tensor:
     """The block-causal forward of a bf16 copy of a case (with sequence parallelism if a group is given)."""
-    from megadistill.parallel.sequence_parallel import apply_sequence_parallel
+    from megadistill.models.wan.parallelize import apply_sequence_parallel
 
     model, inputs = make_case(name)
     preset, overrides = CASES[name][:2]
@@ -135,9 +135,8 @@ def bf16_forward(name: str, sp_group=None) -> torch.Tensor:
 
 def _api_checks(rank: int, groups: dict) -> dict:
     """No-op at sp = 1, errors before any change, deep copies of a parallel model."""
-    from megadistill.parallel.sequence_parallel import (
-        UlyssesAttention, UlyssesTokenLayout, apply_sequence_parallel,
-    )
+    from megadistill.models.wan.parallelize import WanUlyssesLayout, apply_sequence_parallel
+    from megadistill.parallel.sequence_parallel import UlyssesAttention
     from megadistill.models.wan.attention import SelfAttentionCore
     from megadistill.models.wan.model import TokenLayout
 
@@ -182,7 +181,7 @@ def _api_checks(rank: int, groups: dict) -> dict:
     except ValueError as err:
         out["twice_error"] = str(err)
     twin = copy.deepcopy(model)  # EMA / frozen-teacher copies of a parallel model
-    out["deepcopy_layout"] = isinstance(twin.token_layout, UlyssesTokenLayout) and all(
+    out["deepcopy_layout"] = isinstance(twin.token_layout, WanUlyssesLayout) and all(
         isinstance(b.self_attn.core, UlyssesAttention) for b in twin.blocks)
     with torch.no_grad():
         out["deepcopy_equal"] = torch.equal(twin(inputs["x"], inputs["t"], inputs["context"]),
@@ -193,8 +192,7 @@ def _api_checks(rank: int, groups: dict) -> dict:
 def main(spec_path: str) -> None:
     import torch.distributed as dist
 
-    from megadistill.parallel.sequence_parallel import apply_sequence_parallel
-    from megadistill.parallel.tensor_parallel import apply_tensor_parallel
+    from megadistill.models.wan.parallelize import apply_sequence_parallel, apply_tensor_parallel
 
     torch.set_num_threads(1)
     spec = json.loads(open(spec_path).read())

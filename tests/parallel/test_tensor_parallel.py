@@ -15,7 +15,8 @@ import torch
 
 from megadistill.models.wan import build_wan
 from megadistill.models.wan.norms import WanRMSNorm, rms_normalize
-from megadistill.parallel.tensor_parallel import TPRMSNorm, apply_tensor_parallel, shard, tp_rms_normalize, unshard
+from megadistill.models.wan.parallelize import apply_tensor_parallel
+from megadistill.parallel.tensor_parallel import TPRMSNorm, shard, tp_rms_normalize, unshard
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
@@ -86,7 +87,7 @@ def test_bad_tp_raises_before_modifying(results, tp):
         res = _case(results, rank, (tp, "bad_sizes"))
         assert res["heads"]["message"] == (f"tensor parallel size {tp} does not divide the model's 3 heads "
                                            "(tp must be one of 1, 3)")
-        assert res["ffn"]["message"] == f"tensor parallel size {tp} does not divide the model's ffn_dim 129"
+        assert res["ffn"]["message"] == f"tensor parallel size {tp} does not divide the 129 output features of blocks.0.ffn.0"
         assert res["heads"]["unchanged"] and res["ffn"]["unchanged"]
 
 

@@ -23,10 +23,10 @@ import torch.distributed as dist
 from megadistill.models.wan import build_wan
 from megadistill.models.wan.kv_cache import new_kv_cache
 from megadistill.parallel.mesh import ParallelConfig, ParallelMesh
-from megadistill.parallel.sequence_parallel import apply_sequence_parallel
+from megadistill.models.wan.parallelize import apply_sequence_parallel, apply_tensor_parallel
 from megadistill.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, TPRMSNorm,
-                                                  apply_tensor_parallel, gather_tensor_parallel_state_dict,
-                                                  load_unsharded_state_dict, shard, sharded_parameters)
+                                                  gather_tensor_parallel_state_dict, load_unsharded_state_dict, shard,
+                                                  sharded_parameters)
 
 B, F, H, W = 2, 3, 6, 6  # latent grid: 3 x 3 x 3 = 27 tokens with patch (1, 2, 2): not divisible by sp
 TEXT_LEN = 16

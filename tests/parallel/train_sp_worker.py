@@ -49,7 +49,7 @@ from megadistill.models.wan.discriminator import wan_discriminator  # noqa: E402
 from megadistill.models.wan import build_wan  # noqa: E402
 from megadistill.parallel.cfg_parallel import CFGParallelDenoiser, cfg_parallel  # noqa: E402
 from megadistill.parallel.mesh import ParallelConfig, ParallelMesh  # noqa: E402
-from megadistill.parallel.parallelize import parallelize_wan  # noqa: E402
+from megadistill.models.wan.parallelize import parallelize_wan  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser  # noqa: E402
 

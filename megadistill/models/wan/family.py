@@ -137,7 +137,7 @@ class WanFamily(ModelFamily):
         return wan_discriminator(WanDenoiser(network), layers)
 
     def parallelize(self, network: nn.Module, mesh) -> None:
-        from megadistill.parallel.parallelize import parallelize_wan
+        from .parallelize import parallelize_wan
 
         parallelize_wan(network, mesh)
 
@@ -198,8 +198,6 @@ def _partitioned(module: nn.Module) -> bool:
 
 def _parallelized(net: nn.Module) -> bool:
     """True when tensor or sequence parallelism was applied to a WanModel / WanMoE."""
-    from megadistill.parallel.sequence_parallel import UlyssesTokenLayout
-    from megadistill.parallel.tensor_parallel import tensor_parallel_layout
+    from .parallelize import is_parallelized
 
-    return bool(tensor_parallel_layout(net)) or \
-        any(isinstance(getattr(m, "token_layout", None), UlyssesTokenLayout) for m in net.modules())
+    return is_parallelized(net)

@@ -28,8 +28,9 @@ from megadistill.models.wan.checkpoint import (CheckpointMismatchError, LoadPlan
                                                read_planned_tensor)
 from megadistill.models.wan.config import WanConfig
 from megadistill.models.wan.model import WanModel, WanMoE, build_wan
-from megadistill.parallel.tensor_parallel import (apply_tensor_parallel, group_size, mark_tensor_parallel_parameters,
-                                                  tensor_parallel_layout)
+from megadistill.models.wan.parallelize import apply_tensor_parallel
+from megadistill.parallel.comm import group_size
+from megadistill.parallel.tensor_parallel import mark_tensor_parallel_parameters, tensor_parallel_layout
 
 PathLike = Union[str, os.PathLike]
 
