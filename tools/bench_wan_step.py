@@ -36,9 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megadistill.methods.base import DistillBatch  # noqa: E402
 from megadistill.models.wan import build_wan  # noqa: E402
 from megadistill.models.wan.kv_cache import KVCache  # noqa: E402
-from megadistill.parallel.memory_plan import (  # noqa: E402
-    GIB, bidirectional_activations, causal_activations, kv_cache_bytes, latent_grid, vae_stride,
+from megadistill.models.wan.memory import (  # noqa: E402
+    bidirectional_activations, causal_activations, kv_cache_bytes, latent_grid, vae_stride,
 )
+from megadistill.parallel.memory_plan import GIB  # noqa: E402
 from megadistill.rollout.self_forcing import SelfForcingConfig, SelfForcingRollout  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser  # noqa: E402

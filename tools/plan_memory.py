@@ -7,7 +7,8 @@
 
 Models are counted on the meta device (no weights, no GPU). Flags given on the command line override
 what --config / --ds-config say. Exit codes: 0 plan printed (fits or not), 2 bad input.
-Numbers: megadistill/parallel/memory_plan.py (which are exact, which are estimates).
+Numbers: megadistill/parallel/memory_plan.py (which are exact, which are estimates) and
+megadistill/models/wan/memory.py (the Wan estimates).
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megadistill.models.wan.memory import PlanConfig, plan_from_experiment, plan_memory  # noqa: E402
 from megadistill.parallel.memory_plan import (  # noqa: E402
-    PRECISIONS, ROLLOUT_KINDS, PlanConfig, ZeroSettings, format_plan, plan_from_experiment, plan_memory,
-    suggestions,
+    PRECISIONS, ROLLOUT_KINDS, ZeroSettings, format_plan, suggestions,
 )
 
 

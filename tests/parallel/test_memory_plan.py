@@ -1,4 +1,4 @@
-"""The per-GPU memory plan (megadistill/parallel/memory_plan.py, tools/plan_memory.py).
+"""The per-GPU memory plan (megadistill/parallel/memory_plan.py, models/wan/memory.py, tools/plan_memory.py).
 
 Exact part, against independent implementations:
 - ZeRO partitions: a 2-rank DeepSpeed run (CPU, gloo; memplan_zero_worker.py) of a tiny Wan with odd
@@ -17,6 +17,7 @@ Estimates, against measurements on CPU (tiny Wan, 4 layers, 384 tokens):
   model backward temporaries).
 CLI: real presets in < 5 s of CPU, exit 0; bad inputs exit 2 with the reason.
 """
+import dataclasses
 import importlib.util
 import json
 import resource
@@ -31,10 +32,13 @@ from torch.profiler import ProfilerActivity, profile
 from megadistill.models.wan.config import to_diffusers_config, wan_config
 from megadistill.models.wan.kv_cache import CrossAttnCache, new_kv_cache
 from megadistill.models.wan.model import build_wan
+from megadistill.models.wan.memory import (
+    PlanConfig, bidirectional_activations, causal_activations, kv_cache_bytes, latent_grid, model_parameters,
+    plan_memory, token_grid, vae_stride,
+)
 from megadistill.parallel.memory_plan import (
-    GIB, PlanConfig, ZeroSettings, bidirectional_activations, causal_activations, count_parameters,
-    format_plan, frozen_state_bytes, kv_cache_bytes, latent_grid, model_parameters, plan_memory, suggestions,
-    token_grid, trained_state_bytes, vae_stride, zero12_partition_numel, zero3_partition_numel,
+    GIB, ZeroSettings, count_parameters, format_plan, frozen_state_bytes, suggestions, trained_state_bytes,
+    zero12_partition_numel, zero3_partition_numel,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -363,7 +367,7 @@ def test_cli_gan_plans_no_resident_teacher(capsys):
 def test_plan_follows_what_the_method_class_declares(tmp_path):
     """Causal diffusion trains on real latents with one parallel forward, no teacher or critic; DMD
     keeps its teacher and critic; SiD likewise (plan_from_experiment asks the method classes)."""
-    from megadistill.parallel.memory_plan import plan_from_experiment
+    from megadistill.models.wan.memory import plan_from_experiment
 
     base = (ROOT / "configs/wan2.1_t2v_1.3b_self_forcing_dmd.yaml").read_text()
     for name, teacher, critic, rollout in (("causal_diffusion", False, False, "parallel"),
@@ -372,3 +376,26 @@ def test_plan_follows_what_the_method_class_declares(tmp_path):
         path.write_text(base.replace("  name: dmd\n", f"  name: {name}\n"))
         plan = plan_from_experiment(str(path))
         assert (plan.teacher is not None, plan.critic is not None, plan.rollout) == (teacher, critic, rollout), name
+        assert plan.target is None, name
+
+
+def test_plan_counts_the_target_a_method_declares(tmp_path):
+    """Consistency declares needs_target (a frozen EMA copy of the generator): the plan holds it as a
+    frozen role of the generator's preset (parameters only, same as a frozen copy), and its forward
+    is in the generator update; DMD holds none."""
+    from megadistill.models.wan.memory import plan_from_experiment
+
+    base = (ROOT / "configs/wan2.1_t2v_1.3b_self_forcing_dmd.yaml").read_text()
+    path = tmp_path / "consistency.yaml"
+    path.write_text(base.replace("  name: dmd\n", "  name: consistency\n"))
+    cfg = plan_from_experiment(str(path), world_size=8)
+    assert cfg.target == cfg.generator and cfg.critic is None
+    plan = plan_memory(cfg)
+    by = {r.role: r for r in plan.roles}
+    target, gen = by["target"], by["generator"]
+    assert not target.trained and target.state.grads == 0 and target.state.optimizer == 0
+    assert target.params.local == gen.params.local
+    assert target.state.params == frozen_state_bytes(gen.params, cfg.precision, cfg.zero, cfg.zero_world).params > 0
+    without = plan_memory(dataclasses.replace(cfg, target=None))
+    assert plan.static_bytes - without.static_bytes == target.state.total
+    assert "\ntarget " in format_plan(plan)
