@@ -35,6 +35,7 @@ by design.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ class ZeroSettings:
 
 
 @dataclass
-class RunLayout:
+class RunLayout(abc.ABC):
     """What every family's plan config holds: the world and its parallel split, ZeRO, precision,
     checkpointing, the generator's forward kind, samples per micro batch and the GPU size. A family's
     config subclasses it and adds its models and sample geometry; it implements ``plan()`` and
@@ -140,11 +141,13 @@ class RunLayout:
         """Ranks ZeRO partitions each TP shard over: dp x sp x cfg (mesh.py's sequence_data group)."""
         return self.world_size // self.tp
 
+    @abc.abstractmethod
     def plan(self) -> "MemoryPlan":
-        raise NotImplementedError
+        """This run's plan (the family's ``plan_memory``)."""
 
+    @abc.abstractmethod
     def layout_fits(self, tp: int, sp: int) -> bool:
-        raise NotImplementedError
+        """Whether every model of the run splits tp (tensor) x sp (sequence) ways."""
 
 
 # ----------------------------------------------------------------------------------- parameter counts
