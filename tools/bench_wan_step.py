@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import DistillBatch  # noqa: E402
 from megadistill.models.wan import build_wan  # noqa: E402
 from megadistill.models.wan.kv_cache import KVCache  # noqa: E402
@@ -207,8 +208,7 @@ def main(argv=None) -> int:
     blocks = f // args.num_frame_per_block
     sf = SelfForcingConfig(num_training_frames=blocks * args.num_frame_per_block, last_step_only=True)
     denoiser = WanDenoiser(causal)
-    batch = DistillBatch(cond=WanCondition(context=context), batch_size=1,
-                         sample_shape=(cfg.out_dim, sf.num_training_frames, h, w), device=device, dtype=dtype)
+    batch = DistillBatch(cond=WanCondition(context=context), latents=DenseLatents(1, (cfg.out_dim, sf.num_training_frames, h, w), frame_dim=2), device=device, dtype=dtype)
     for case in ("rollout", "rollout_copy"):
         if case not in args.cases:
             continue

@@ -191,9 +191,9 @@ class APTDistillation(DistillationMethod):
 
     def _discriminate(self, fake: torch.Tensor, real: torch.Tensor, batch: DistillBatch):
         cfg = self.cfg
-        t = discriminator_timesteps(
+        t = batch.per_row(discriminator_timesteps(
             batch.batch_size, cfg.d_timestep_shift, cfg.num_train_timesteps, self.rng, fake.device
-        )
+        ))
         eps = torch.randn(fake.shape, generator=self.rng, dtype=fake.dtype, device=fake.device)
         sigma = (t / cfg.num_train_timesteps).to(fake.dtype)
         fake_t, real_t = add_noise_continuous(fake, eps, sigma), add_noise_continuous(real.to(fake.dtype), eps, sigma)

@@ -46,6 +46,7 @@ from torch import nn
 
 from megadistill.diffusion.flow_match import FlowMatchSchedule, _expand_like, add_noise_continuous
 from megadistill.diffusion.guidance import cfg, cfg_upstream
+from megadistill.diffusion.latents import Latents, require_dense
 from megadistill.diffusion.parameterization import flow_to_x0
 
 GUIDANCE_FORMS = ("standard", "upstream")
@@ -116,11 +117,11 @@ class Denoiser(nn.Module):
 
 @dataclass
 class DistillBatch:
-    """Inputs of one step. ``sample_shape`` is the per-sample shape of x (e.g. (2,) or (F, C, H, W))."""
+    """Inputs of one step. ``latents`` is the layout of a generated sample batch (dense
+    ``[B, *sample_shape]`` or packed sequences, diffusion/latents.py); ``real`` has that layout."""
 
     cond: Any
-    batch_size: int
-    sample_shape: Tuple[int, ...]
+    latents: Latents
     uncond: Any = None
     real: Optional[torch.Tensor] = None
     trajectory: Optional[torch.Tensor] = None  # [B, K + 1, *sample_shape]: states at steps, then clean
@@ -129,17 +130,26 @@ class DistillBatch:
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name in ("real", "trajectory"):
-            value = getattr(self, name)
-            if value is not None and value.shape[0] != self.batch_size:
-                raise ValueError(f"{name} has batch {value.shape[0]}, expected batch_size {self.batch_size}")
+        if not isinstance(self.latents, Latents):
+            raise TypeError(f"latents must be a Latents (DenseLatents / PackedLatents), got {type(self.latents).__name__}")
+        if self.real is not None:
+            self.latents.check(self.real, "real")
+        if self.trajectory is not None:
+            dense = require_dense(self.latents, "a stored trajectory")
+            if self.trajectory.shape[0] != dense.batch_size or tuple(self.trajectory.shape[2:]) != dense.sample_shape:
+                raise ValueError(f"trajectory has shape {tuple(self.trajectory.shape)}, expected "
+                                 f"[{dense.batch_size}, K + 1, {', '.join(map(str, dense.sample_shape))}]")
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.batch_size
 
     def noise(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return torch.randn(
-            (self.batch_size, *self.sample_shape), generator=generator, device=self.device, dtype=self.dtype
-        )
+        return self.latents.noise(generator, self.device, self.dtype)
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sample values (timesteps, noise levels) laid out against x: ``latents.per_row``."""
+        return self.latents.per_row(values)
 
 
 @dataclass
@@ -201,9 +211,13 @@ class FewStepRollout:
     def _nominal(self, t: float) -> float:
         return nominal_timestep(t, self.schedule) if self.schedule is not None else t
 
-    def _renoise(self, x0: torch.Tensor, t: float) -> torch.Tensor:
+    @staticmethod
+    def _timesteps(batch: DistillBatch, t: float, device: torch.device) -> torch.Tensor:
+        """Step t for every sample, laid out against x (``batch.per_row``)."""
+        return batch.per_row(torch.full((batch.batch_size,), t, dtype=torch.float64, device=device))
+
+    def _renoise(self, x0: torch.Tensor, t_b: torch.Tensor) -> torch.Tensor:
         eps = torch.randn(x0.shape, generator=self.noise_generator, dtype=x0.dtype, device=x0.device)
-        t_b = torch.full((x0.shape[0],), t, dtype=torch.float64, device=x0.device)
         if self.schedule is not None:
             return self.schedule.add_noise(x0, eps, t_b)
         return add_noise_continuous(x0, eps, (t_b / self.num_train_timesteps).to(x0.dtype))
@@ -217,9 +231,9 @@ class FewStepRollout:
         x = batch.noise(self.noise_generator)
         with torch.no_grad():
             for i in range(exit_index):
-                t = torch.full((batch.batch_size,), self.step_list[i], dtype=torch.float64, device=x.device)
-                x = self._renoise(generator.x0(x, t, batch.cond), self.step_list[i + 1])
-        t = torch.full((batch.batch_size,), self.step_list[exit_index], dtype=torch.float64, device=x.device)
+                t = self._timesteps(batch, self.step_list[i], x.device)
+                x = self._renoise(generator.x0(x, t, batch.cond), self._timesteps(batch, self.step_list[i + 1], x.device))
+        t = self._timesteps(batch, self.step_list[exit_index], x.device)
         with torch.set_grad_enabled(grad):
             samples = generator.x0(x, t, batch.cond)
         t_from = self._nominal(self.step_list[exit_index])
@@ -342,17 +356,12 @@ def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return x[mask.expand_as(x)].mean()
 
 
-def per_sample_mean_abs(x: torch.Tensor) -> torch.Tensor:
-    """mean |x| over every dim but the batch, kept broadcastable ([B, 1, ...])."""
-    return x.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
-
-
 def logs_to_floats(**values: Any) -> Dict[str, float]:
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in values.items()}
 
 
 __all__ = [
     "Denoiser", "DistillBatch", "RolloutOutput", "Rollout", "FewStepRollout", "DistillationMethod", "MethodNeeds",
-    "nominal_timestep", "trainable", "freeze", "masked_mean", "per_sample_mean_abs", "logs_to_floats",
+    "nominal_timestep", "trainable", "freeze", "masked_mean", "logs_to_floats",
     "check_guidance_form", "is_unguided", "GUIDANCE_FORMS",
 ]

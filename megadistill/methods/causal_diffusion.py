@@ -54,6 +54,7 @@ import torch
 
 from megadistill.diffusion.flow_match import FlowMatchSchedule, flow_target
 from megadistill.diffusion.losses import reduce_loss
+from megadistill.diffusion.latents import frame_mean, per_frame, require_dense
 
 from .base import Denoiser, DistillationMethod, DistillBatch, logs_to_floats
 
@@ -119,33 +120,35 @@ def frame_blocks(num_frames: int, num_frame_per_block: int) -> torch.Tensor:
 
 
 def noise_per_frame(clean: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
-                    schedule: FlowMatchSchedule) -> torch.Tensor:
-    """x_t of latents [B, C, F, H, W] at per-frame timesteps t [B, F]: the grid sigma of t (upstream
-    add_noise snapping), except frames at t = 0, which stay exactly clean."""
+                    schedule: FlowMatchSchedule, *, frame_dim: int) -> torch.Tensor:
+    """x_t of video latents (frames along ``frame_dim``) at per-frame timesteps t [B, F]: the grid
+    sigma of t (upstream add_noise snapping), except frames at t = 0, which stay exactly clean."""
     sigma = schedule.sigma_at(t).to(clean.device, torch.promote_types(clean.dtype, torch.float32))
-    sigma = sigma[:, None, :, None, None]
+    sigma = per_frame(sigma, clean.dim(), frame_dim)
     x_t = ((1.0 - sigma) * clean + sigma * eps).to(clean.dtype)
-    return torch.where((t == 0).to(clean.device)[:, None, :, None, None], clean, x_t)
+    return torch.where(per_frame((t == 0).to(clean.device), clean.dim(), frame_dim), clean, x_t)
 
 
 def flow_error_per_frame(generator: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any,
-                         clean: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Squared flow error [B, F] (mean over C, H, W) of one parallel block-causal forward with t [B, F]."""
+                         clean: torch.Tensor, eps: torch.Tensor, *, frame_dim: int) -> torch.Tensor:
+    """Squared flow error [B, F] (mean over each frame) of one parallel block-causal forward with t [B, F]."""
     v = generator.flow(x_t, t.to(x_t.device), cond)
-    return ((v.float() - flow_target(clean, eps).float()) ** 2).mean(dim=(1, 3, 4))
+    return frame_mean((v.float() - flow_target(clean, eps).float()) ** 2, frame_dim)
 
 
 def causal_diffusion_loss(
     generator: Denoiser, clean: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Any,
     schedule: FlowMatchSchedule, weighting: str = "upstream", loss_mask: Optional[torch.Tensor] = None,
+    *, frame_dim: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(loss, per-frame errors [B, F]) for clean latents [B, C, F, H, W] at per-frame timesteps t [B, F].
+    """(loss, per-frame errors [B, F]) for clean video latents (frames along ``frame_dim``) at
+    per-frame timesteps t [B, F].
 
     loss = mean over samples of the (weighted) mean error over the frames in ``loss_mask`` [B, F]
     (every frame when None).
     """
-    x_t = noise_per_frame(clean, eps, t, schedule)
-    err = flow_error_per_frame(generator, x_t, t, cond, clean, eps)
+    x_t = noise_per_frame(clean, eps, t, schedule, frame_dim=frame_dim)
+    err = flow_error_per_frame(generator, x_t, t, cond, clean, eps, frame_dim=frame_dim)
     weight = schedule.training_weight(t).to(err.device) if weighting == "upstream" else None
     mask = loss_mask.to(err.device) if loss_mask is not None else None
     return reduce_loss(err, weight, mask), err
@@ -156,10 +159,10 @@ def _randn(shape, rng: Optional[torch.Generator], like: torch.Tensor) -> torch.T
     return torch.randn(shape, generator=rng, device=device, dtype=like.dtype).to(like.device)
 
 
-def diffusion_forcing_draw(clean: torch.Tensor, cfg: CausalDiffusionConfig, rng: Optional[torch.Generator] = None
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+def diffusion_forcing_draw(clean: torch.Tensor, cfg: CausalDiffusionConfig, rng: Optional[torch.Generator] = None,
+                           *, frame_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(t [B, F], eps): one grid timestep per block of every sample."""
-    b, _, f = clean.shape[:3]
+    b, f = clean.shape[0], clean.shape[frame_dim]
     blocks = frame_blocks(f, cfg.num_frame_per_block)
     grid = eligible_timesteps(cfg)
     index = torch.randint(0, len(grid), (b, int(blocks[-1]) + 1), generator=rng, device=_rng_device(rng))
@@ -167,28 +170,28 @@ def diffusion_forcing_draw(clean: torch.Tensor, cfg: CausalDiffusionConfig, rng:
     return t, _randn(clean.shape, rng, clean)
 
 
-def teacher_forcing_draw(clean: torch.Tensor, cfg: CausalDiffusionConfig, rng: Optional[torch.Generator] = None
-                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_forcing_draw(clean: torch.Tensor, cfg: CausalDiffusionConfig, rng: Optional[torch.Generator] = None,
+                         *, frame_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kept clean latents, t [B, F_kept], eps, loss mask [B, F_kept]): per sample a block b and a
     timestep; blocks < b at t = 0, block b and later kept blocks at t_b; the loss mask is block b."""
-    bsz, _, f = clean.shape[:3]
+    bsz, f = clean.shape[0], clean.shape[frame_dim]
     blocks = frame_blocks(f, cfg.num_frame_per_block)
     grid = eligible_timesteps(cfg)
     target = torch.randint(0, int(blocks[-1]) + 1, (bsz,), generator=rng, device=_rng_device(rng)).cpu()
     t_b = grid[torch.randint(0, len(grid), (bsz,), generator=rng, device=_rng_device(rng)).cpu()]
     kept = (int(target.max()) + 1) * cfg.num_frame_per_block
-    clean, blocks = clean[:, :, :kept], blocks[:kept]
+    clean, blocks = clean.narrow(frame_dim, 0, kept), blocks[:kept]
     context = blocks[None, :] < target[:, None]
     t = torch.where(context, torch.zeros((), dtype=t_b.dtype), t_b[:, None].expand(bsz, kept))
     mask = blocks[None, :] == target[:, None]
     return clean, t, _randn(clean.shape, rng, clean), mask
 
 
-def mixed_draw(clean: torch.Tensor, cfg: CausalDiffusionConfig, rng: Optional[torch.Generator] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mixed_draw(clean: torch.Tensor, cfg: CausalDiffusionConfig, rng: Optional[torch.Generator] = None,
+               *, frame_dim: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(t [B, F], eps, loss mask [B, F]): per sample teacher forcing (clean blocks < b at t = 0, block
     b and later at t_b, loss on block b) or diffusion forcing (a timestep per block, loss everywhere)."""
-    bsz, _, f = clean.shape[:3]
+    bsz, f = clean.shape[0], clean.shape[frame_dim]
     blocks = frame_blocks(f, cfg.num_frame_per_block)
     num_blocks = int(blocks[-1]) + 1
     grid = eligible_timesteps(cfg)
@@ -249,17 +252,16 @@ class CausalDiffusion(DistillationMethod):
         if batch.real is None:
             raise ValueError("causal_diffusion trains on real clean latents: batch.real is None")
         clean = batch.real
-        if clean.dim() != 5:
-            raise ValueError(f"causal_diffusion needs latents [B, C, F, H, W], got {list(clean.shape)}")
+        frame_dim = require_dense(batch.latents, "causal_diffusion").video_frame_dim()
         mask = None
         if self.cfg.context == "teacher_forcing":
-            clean, t, eps, mask = teacher_forcing_draw(clean, self.cfg, self.rng)
+            clean, t, eps, mask = teacher_forcing_draw(clean, self.cfg, self.rng, frame_dim=frame_dim)
         elif self.cfg.context == "mixed":
-            t, eps, mask = mixed_draw(clean, self.cfg, self.rng)
+            t, eps, mask = mixed_draw(clean, self.cfg, self.rng, frame_dim=frame_dim)
         else:
-            t, eps = diffusion_forcing_draw(clean, self.cfg, self.rng)
+            t, eps = diffusion_forcing_draw(clean, self.cfg, self.rng, frame_dim=frame_dim)
         loss, err = causal_diffusion_loss(self.generator, clean, eps, t, batch.cond, self.schedule,
-                                          self.cfg.weighting, mask)
+                                          self.cfg.weighting, mask, frame_dim=frame_dim)
         trained = mask if mask is not None else torch.ones_like(t, dtype=torch.bool)
         logs = {"diffusion_loss": loss, "flow_mse": err.detach()[trained.to(err.device)].mean(),
                 "timestep_mean": t[trained].mean(), "forward_frames": float(t.shape[1])}

@@ -167,7 +167,7 @@ class ConsistencyDistillation(DistillationMethod):
             update_ema(self.target, self.generator, cfg.ema_decay)
             self.ema_step = step
         x0 = batch.real
-        sig_a, sig_b = self._pair_sigmas(batch.batch_size, x0.device)
+        sig_a, sig_b = map(batch.per_row, self._pair_sigmas(batch.batch_size, x0.device))
         t_a, t_b = sig_a * cfg.num_train_timesteps, sig_b * cfg.num_train_timesteps
         eps = torch.randn(x0.shape, generator=self.rng, dtype=x0.dtype, device=x0.device)
         x_a = add_noise_continuous(x0, eps, sig_a.to(x0.dtype))

@@ -17,7 +17,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .base import DistillBatch, logs_to_floats, masked_mean, per_sample_mean_abs
+from megadistill.diffusion.latents import DenseLatents, Latents
+
+from .base import DistillBatch, logs_to_floats, masked_mean
 from .score_distillation import ScoreDistillConfig, ScoreDistillationMethod
 
 
@@ -32,10 +34,13 @@ class DMDConfig(ScoreDistillConfig):
             raise ValueError(f"fake_guidance_scale must be >= 0, got {self.fake_guidance_scale}")
 
 
-def dmd_gradient(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor) -> torch.Tensor:
-    """(x0_fake - x0_real) / mean|x - x0_real| per sample, float64, NaN/inf replaced (upstream nan_to_num)."""
+def dmd_gradient(x: torch.Tensor, x0_fake: torch.Tensor, x0_real: torch.Tensor,
+                 latents: Optional[Latents] = None) -> torch.Tensor:
+    """(x0_fake - x0_real) / mean|x - x0_real| per sample of ``latents`` (default: dense, dim 0 the
+    batch), float64, NaN/inf replaced (upstream nan_to_num)."""
     x, x0_fake, x0_real = x.double(), x0_fake.double(), x0_real.double()
-    return torch.nan_to_num((x0_fake - x0_real) / per_sample_mean_abs(x - x0_real))
+    latents = latents if latents is not None else DenseLatents(x.shape[0], x.shape[1:])
+    return torch.nan_to_num((x0_fake - x0_real) / latents.per_sample_mean_abs(x - x0_real))
 
 
 def dmd_loss(x: torch.Tensor, grad: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -56,8 +61,8 @@ class DMD(ScoreDistillationMethod):
         out = self.rollout(self.generator, batch, grad=True)
         x = out.samples
         with torch.no_grad():
-            x_t, t, _ = self.noised(x.detach(), batch.batch_size, out)
-            grad = dmd_gradient(x, self.fake_x0(x_t, t, batch), self.real_x0(x_t, t, batch))
+            x_t, t, _ = self.noised(x.detach(), batch, out)
+            grad = dmd_gradient(x, self.fake_x0(x_t, t, batch), self.real_x0(x_t, t, batch), batch.latents)
         loss = dmd_loss(x, grad, out.gradient_mask)
         return loss, logs_to_floats(
             dmd_loss=loss, dmdtrain_gradient_norm=grad.abs().mean(), timestep=t.mean(), exit_index=out.exit_index

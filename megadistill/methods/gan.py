@@ -100,7 +100,7 @@ class GANDistillation(DistillationMethod):
 
     # ---- shared pieces ------------------------------------------------------------------------
     def _timesteps(self, batch: DistillBatch, rollout: RolloutOutput) -> torch.Tensor:
-        return sample_score_timesteps(self.cfg, batch.batch_size, rollout, self.rng, batch.device)
+        return batch.per_row(sample_score_timesteps(self.cfg, batch.batch_size, rollout, self.rng, batch.device))
 
     def _noised_pair(self, batch: DistillBatch, fake: torch.Tensor, t: torch.Tensor):
         if batch.real is None:

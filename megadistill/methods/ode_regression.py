@@ -22,8 +22,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from megadistill.diffusion.latents import DenseLatents, frame_mean, per_frame, require_dense
 from megadistill.diffusion.samplers import flow_inference_sigmas
-
 from .base import Denoiser, DistillationMethod, DistillBatch, logs_to_floats
 
 
@@ -115,7 +115,8 @@ def ode_regression_loss(
     x_t = trajectory[arange, index]
     t = steps.to(trajectory.device)[index]
     x0 = generator.x0(x_t, t, cond)
-    err = ((x0.double() - trajectory[:, -1].double()) ** 2).flatten(1).mean(dim=1)
+    clean = trajectory[:, -1]
+    err = DenseLatents(clean.shape[0], clean.shape[1:]).per_sample_mean((x0.double() - clean.double()) ** 2)
     return err, t
 
 
@@ -132,22 +133,25 @@ def per_block_index(
 
 
 def ode_regression_loss_per_frame(
-    generator: Denoiser, trajectory: torch.Tensor, steps: torch.Tensor, cond, index: torch.Tensor
+    generator: Denoiser, trajectory: torch.Tensor, steps: torch.Tensor, cond, index: torch.Tensor,
+    *, frame_dim: int,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Squared errors [B, F] (mean over C, H, W) of x0_pred vs the clean end and timesteps t [B, F].
+    """Squared errors [B, F] (mean over each frame) of x0_pred vs the clean end and timesteps t [B, F].
 
-    trajectory [B, K + 1, C, F, H, W]; index [B, F]: frame f of sample b is taken from state
-    index[b, f] and predicted at timestep steps[index[b, f]] (the generator gets t as [B, F]).
+    trajectory [B, K + 1, *sample_shape] with a sample's frames along ``frame_dim`` (of the sample
+    tensor [B, *sample_shape]); index [B, F]: frame f of sample b is taken from state index[b, f]
+    and predicted at timestep steps[index[b, f]] (the generator gets t as [B, F]).
     """
-    b, _, c, f, h, w = trajectory.shape
+    clean = trajectory[:, -1]
+    b, f = clean.shape[0], clean.shape[frame_dim]
     if index.shape != (b, f):
         raise ValueError(f"index must be [B, F] = {[b, f]}, got {list(index.shape)}")
     index = index.to(trajectory.device)
-    gather = index[:, None, None, :, None, None].expand(b, 1, c, f, h, w)
+    gather = per_frame(index, clean.dim(), frame_dim).expand(clean.shape).unsqueeze(1)
     x_t = trajectory.gather(1, gather).squeeze(1)
     t = steps.to(trajectory.device)[index]
     x0 = generator.x0(x_t, t, cond)
-    err = ((x0.double() - trajectory[:, -1].double()) ** 2).mean(dim=(1, 3, 4))
+    err = frame_mean((x0.double() - clean.double()) ** 2, frame_dim)
     return err, t
 
 
@@ -178,11 +182,12 @@ class ODERegression(DistillationMethod):
             index = torch.randint(0, k, (batch.batch_size,), generator=self.rng).to(batch.trajectory.device)
             err, t = ode_regression_loss(self.generator, batch.trajectory, batch.trajectory_steps, batch.cond, index)
         else:
-            num_frames = batch.trajectory.shape[3]  # [B, K + 1, C, F, H, W]
+            frame_dim = require_dense(batch.latents, "per-block ODE regression").video_frame_dim()
+            num_frames = batch.latents.shape[frame_dim]
             index = per_block_index(batch.batch_size, num_frames, self.cfg.num_frame_per_block, k, self.rng)
             index = index.to(batch.trajectory.device)
             err, t = ode_regression_loss_per_frame(
-                self.generator, batch.trajectory, batch.trajectory_steps, batch.cond, index
+                self.generator, batch.trajectory, batch.trajectory_steps, batch.cond, index, frame_dim=frame_dim
             )
         keep = t != 0  # a state at t = 0 is already clean: nothing to regress
         loss = err[keep].mean() if keep.any() else err.sum() * 0.0

@@ -85,7 +85,8 @@ def teacher_multistep_target(
 ) -> torch.Tensor:
     """Flow v* such that one Euler step sigmas[0] -> sigmas[-1] equals Euler through every sigma.
 
-    x [B, ...] at sigmas[..., 0]; sigmas is [S + 1] (shared) or [B, S + 1] (per sample).
+    x [R, ...] at sigmas[..., 0] (R rows: samples, or tokens of packed latents); sigmas is [S + 1]
+    (shared) or [R, S + 1] (per row).
     Integration and v* are float64.
     """
     sig = torch.as_tensor(sigmas, dtype=torch.float64, device=x.device)
@@ -188,7 +189,7 @@ class ProgressiveDistillation(DistillationMethod):
         num_student = (len(teacher_sigmas) - 1) // stride
         # One student grid index per sample; its segment is ``stride`` teacher steps long.
         j = torch.randint(0, num_student, (batch.batch_size,), generator=self.rng)
-        seg = teacher_sigmas[j[:, None] * stride + torch.arange(stride + 1)[None, :]].to(batch.real.device)
+        seg = batch.per_row(teacher_sigmas[j[:, None] * stride + torch.arange(stride + 1)[None, :]].to(batch.real.device))
         sigma = seg[:, 0]
         eps = torch.randn(batch.real.shape, generator=self.rng, dtype=batch.real.dtype, device=batch.real.device)
         x = add_noise_continuous(batch.real, eps, sigma.to(batch.real.dtype))

@@ -184,15 +184,16 @@ class ScoreDistillationMethod(DistillationMethod):
         self.rollout = rollout
         self.rng = rng
 
-    def draw_score_noise(self, x: torch.Tensor, batch_size: int, rollout: Optional[RolloutOutput]):
-        """(t, eps) of one score evaluation of samples x: the only random draws of a score step."""
-        t = sample_score_timesteps(self.cfg, batch_size, rollout, self.rng, x.device)
+    def draw_score_noise(self, x: torch.Tensor, batch: DistillBatch, rollout: Optional[RolloutOutput]):
+        """(t, eps) of one score evaluation of samples x: the only random draws of a score step; t is
+        drawn per sample and laid out against x (``batch.per_row``)."""
+        t = batch.per_row(sample_score_timesteps(self.cfg, batch.batch_size, rollout, self.rng, x.device))
         eps = torch.randn(x.shape, generator=self.rng, dtype=x.dtype, device=x.device)
         return t, eps
 
-    def noised(self, x: torch.Tensor, batch_size: int, rollout: Optional[RolloutOutput]):
+    def noised(self, x: torch.Tensor, batch: DistillBatch, rollout: Optional[RolloutOutput]):
         """(x_t, t, eps) for the score evaluation of samples x."""
-        t, eps = self.draw_score_noise(x, batch_size, rollout)
+        t, eps = self.draw_score_noise(x, batch, rollout)
         return add_score_noise(self.cfg, x, eps, t), t, eps
 
     def score_sigma(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -207,7 +208,7 @@ class ScoreDistillationMethod(DistillationMethod):
         with torch.no_grad():
             out = self.rollout(self.generator, batch, grad=False)
             x = out.samples.detach()
-            x_t, t, eps = self.noised(x, batch.batch_size, out)
+            x_t, t, eps = self.noised(x, batch, out)
         sigma = noise_sigma = None
         if self.cfg.score_sigma == "upstream":
             sigma, noise_sigma = self.score_sigma(t, x), score_noise_sigma(self.cfg, t).to(x.device)

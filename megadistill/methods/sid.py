@@ -13,7 +13,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .base import DistillBatch, logs_to_floats, masked_mean, per_sample_mean_abs
+from megadistill.diffusion.latents import DenseLatents, Latents
+
+from .base import DistillBatch, logs_to_floats, masked_mean
 from .score_distillation import ScoreDistillConfig, ScoreDistillationMethod
 
 
@@ -28,10 +30,13 @@ class SiDConfig(ScoreDistillConfig):
 
 
 def sid_loss(
-    x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alpha: float, mask: Optional[torch.Tensor] = None
+    x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alpha: float, mask: Optional[torch.Tensor] = None,
+    latents: Optional[Latents] = None,
 ) -> torch.Tensor:
+    """SiD's generator loss, normalised by mean|x - x0_real| per sample of ``latents`` (default: dense)."""
     x, r, f = x.double(), x0_real.double(), x0_fake.double()
-    normaliser = per_sample_mean_abs(x - r).detach()
+    latents = latents if latents is not None else DenseLatents(x.shape[0], x.shape[1:])
+    normaliser = latents.per_sample_mean_abs(x - r).detach()
     loss = torch.nan_to_num((r - f) * ((r - x) - alpha * (r - f)) / normaliser)
     return masked_mean(loss, mask)
 
@@ -42,8 +47,8 @@ class SiD(ScoreDistillationMethod):
     def generator_loss(self, batch: DistillBatch, step: int) -> Tuple[torch.Tensor, Dict[str, float]]:
         out = self.rollout(self.generator, batch, grad=True)
         x = out.samples
-        x_t, t, _ = self.noised(x, batch.batch_size, out)
+        x_t, t, _ = self.noised(x, batch, out)
         x0_fake = self.critic.x0(x_t, t, batch.cond, self.score_sigma(t, x_t))
         x0_real = self.real_x0(x_t, t, batch)
-        loss = sid_loss(x, x0_real, x0_fake, self.cfg.alpha, out.gradient_mask)
+        loss = sid_loss(x, x0_real, x0_fake, self.cfg.alpha, out.gradient_mask, batch.latents)
         return loss, logs_to_floats(sid_loss=loss, timestep=t.mean(), exit_index=out.exit_index)

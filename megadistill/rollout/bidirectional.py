@@ -23,7 +23,7 @@ from .steps import StepListConfig
 
 
 class BidirectionalRollout:
-    """Rollout protocol over any Denoiser; one sample is batch.sample_shape.
+    """Rollout protocol over any Denoiser; the batch's layout is ``batch.latents``.
 
     ``generator`` draws the exit step and must be seeded identically on every rank (under ZeRO-3 the
     exit step decides which forwards run); ``noise_generator`` draws the initial and re-noising noise

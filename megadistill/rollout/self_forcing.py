@@ -17,7 +17,7 @@ One call (``SelfForcingRollout.__call__``):
    exit step exactly as ``FewStepRollout`` (nominal timesteps on ``steps.schedule()``; None with
    per-block exits, as upstream); ``exit_index`` (of block 0 with per-block exits).
 
-Shapes: ``batch.sample_shape`` is (C, max_frames, H, W), the largest video a call can generate; a call
+Shapes: ``batch.latents`` is dense, sample shape (C, max_frames, H, W), the largest video a call can generate; a call
 generating n <= max_frames frames draws noise of n frames only. ``samples`` always has
 ``num_training_frames`` frames (min_frames >= num_training_frames), so what the methods see has one
 shape whatever n is.
@@ -37,6 +37,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from megadistill.diffusion.latents import require_dense
 from megadistill.methods.base import Denoiser, DistillBatch, RolloutOutput, nominal_timestep
 from megadistill.rollout.causal_denoiser import as_causal
 from megadistill.rollout.causal_inference import CACHE_GRADIENTS, CausalStream, block_spans
@@ -170,12 +171,13 @@ class SelfForcingRollout:
     # ---------------------------------------------------------------------------------- rollout
 
     def _check_batch(self, batch: DistillBatch) -> Tuple[int, int, int]:
-        if len(batch.sample_shape) != 4:
-            raise ValueError(f"batch.sample_shape must be (C, F, H, W), got {batch.sample_shape}")
-        c, f, h, w = batch.sample_shape
+        sample_shape = require_dense(batch.latents, "the Self-Forcing rollout").sample_shape
+        if len(sample_shape) != 4:
+            raise ValueError(f"batch.latents.sample_shape must be (C, F, H, W), got {sample_shape}")
+        c, f, h, w = sample_shape
         max_frames = self.cfg.frame_range()[1]
         if f != max_frames:
-            raise ValueError(f"batch.sample_shape has {f} frames; it must be max_frames = {max_frames} "
+            raise ValueError(f"batch.latents.sample_shape has {f} frames; it must be max_frames = {max_frames} "
                              "(the largest video a call can generate)")
         return c, h, w
 

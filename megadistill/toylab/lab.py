@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.samplers import euler_flow_sample, few_step_sample, flow_inference_sigmas
 from megadistill.methods.base import Denoiser, DistillBatch, freeze
 
@@ -148,8 +149,7 @@ class ToyLab:
         else:
             cond, real = random_labels(self.cfg.data, batch_size, generator), None
         return DistillBatch(
-            cond=cond, uncond=self.uncond_like(cond), batch_size=batch_size,
-            sample_shape=(self.cfg.data.dim,), real=real,
+            cond=cond, uncond=self.uncond_like(cond), latents=DenseLatents(batch_size, (self.cfg.data.dim,)), real=real,
         )
 
     def copy_teacher(self) -> Denoiser:

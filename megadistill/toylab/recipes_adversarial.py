@@ -13,6 +13,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.apt import APTConfig, APTDistillation
 from megadistill.methods.base import Denoiser, DistillationMethod, DistillBatch, FewStepRollout, freeze
 from megadistill.methods.consistency import ConsistencyConfig, ConsistencyDistillation, update_ema
@@ -115,7 +116,7 @@ def _ode_pair_batches(lab: ToyLab, cfg: ToyLabConfig, loop: LoopConfig, seed: in
         idx = torch.randint(0, pool_size, (loop.batch_size,), generator=g)
         cond = labels[idx]
         return DistillBatch(
-            cond=cond, uncond=lab.uncond_like(cond), batch_size=loop.batch_size, sample_shape=(cfg.data.dim,),
+            cond=cond, uncond=lab.uncond_like(cond), latents=DenseLatents(loop.batch_size, (cfg.data.dim,)),
             trajectory=pairs[idx], trajectory_steps=t_stored,
         )
 

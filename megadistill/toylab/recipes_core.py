@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import DistillBatch, FewStepRollout, freeze
 from megadistill.methods.dmd import DMD, DMDConfig
 from megadistill.methods.ode_regression import (
@@ -70,7 +71,7 @@ def ode_regression_recipe(lab: ToyLab, cfg: ToyLabConfig, num_steps: int) -> Tra
         idx = torch.randint(0, ODE_POOL_SIZE, (loop.batch_size,), generator=rng)
         cond = labels[idx]
         return DistillBatch(
-            cond=cond, uncond=lab.uncond_like(cond), batch_size=loop.batch_size, sample_shape=(cfg.data.dim,),
+            cond=cond, uncond=lab.uncond_like(cond), latents=DenseLatents(loop.batch_size, (cfg.data.dim,)),
             trajectory=trajectory[idx], trajectory_steps=stored,
         )
 

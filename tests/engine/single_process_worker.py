@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.engine.config import EMAConfig, OptimConfig, TrainConfig  # noqa: E402
 from megadistill.engine.config import load_ds_config  # noqa: E402
 from megadistill.engine.engines import (  # noqa: E402
@@ -135,7 +136,7 @@ def sid_batches():
     out = []
     for _ in range(SID_STEPS * 2):
         cond = torch.randint(0, 4, (SID_BATCH,), generator=g)
-        out.append(DistillBatch(cond=cond, uncond=torch.full_like(cond, 4), batch_size=SID_BATCH, sample_shape=(2,)))
+        out.append(DistillBatch(cond=cond, uncond=torch.full_like(cond, 4), latents=DenseLatents(SID_BATCH, (2,))))
     return out
 
 

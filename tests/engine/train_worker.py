@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.engine.config import EMAConfig, OptimConfig, TrainConfig  # noqa: E402
 from megadistill.engine.data_source import SeededBatchSource  # noqa: E402
 from megadistill.engine.config import load_ds_config  # noqa: E402
@@ -69,7 +70,7 @@ def dmd_setup(rank: int, seed: int, ds: dict):
 
     def make_batch(g):
         cond, uncond = conditions(g, BATCH)
-        return DistillBatch(cond=cond, uncond=uncond, batch_size=BATCH, sample_shape=(DIM,))
+        return DistillBatch(cond=cond, uncond=uncond, latents=DenseLatents(BATCH, (DIM,)))
 
     return method, make_batch, {"method": rng}, {"rollout": rollout_rng}
 
@@ -86,7 +87,7 @@ def ode_setup(rank: int, seed: int, ds: dict):
 
     def make_batch(g):
         idx = torch.randint(0, ODE_POOL, (BATCH,), generator=g)
-        return DistillBatch(cond=cond[idx], uncond=uncond[idx], batch_size=BATCH, sample_shape=(DIM,),
+        return DistillBatch(cond=cond[idx], uncond=uncond[idx], latents=DenseLatents(BATCH, (DIM,)),
                             trajectory=trajectory[idx], trajectory_steps=stored)
 
     return method, make_batch, {"method": rng}, {}

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.flow_match import shift_sigma
 from megadistill.diffusion.guidance import cfg as cfg_combine
 from megadistill.diffusion.samplers import euler_flow_sample, flow_inference_sigmas
@@ -27,7 +28,7 @@ def _setup(cfg, seed=0):
     disc = Discriminator(backbone, heads, [0, 1])
     method = APTDistillation(cfg, generator=gen, critic=disc, teacher=teacher, rng=torch.Generator().manual_seed(5))
     cond = torch.randint(0, 3, (B,))
-    batch = DistillBatch(cond=cond, uncond=torch.full_like(cond, 3), batch_size=B, sample_shape=(2,))
+    batch = DistillBatch(cond=cond, uncond=torch.full_like(cond, 3), latents=DenseLatents(B, (2,)))
     return method, batch, teacher
 
 

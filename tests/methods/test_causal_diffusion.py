@@ -8,6 +8,7 @@ fixed tiny data set lower the loss by a clear margin.
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import DistillBatch
 from megadistill.methods.causal_diffusion import (
     CausalDiffusion, CausalDiffusionConfig, causal_diffusion_loss, eligible_timesteps,
@@ -30,7 +31,7 @@ def _generator(nfpb=NFPB, seed=0):
 def _batch(seed=0, batch=B):
     g = torch.Generator().manual_seed(seed)
     cond = WanCondition(torch.randn(batch, 5, 32, generator=g))
-    return DistillBatch(cond=cond, batch_size=batch, sample_shape=(C, F, H, W),
+    return DistillBatch(cond=cond, latents=DenseLatents(batch, (C, F, H, W), frame_dim=2),
                         real=torch.randn(batch, C, F, H, W, generator=g))
 
 
@@ -222,7 +223,7 @@ def test_teacher_forcing_zero_gradient_after_the_block_with_every_frame_kept():
     mask = block[None] == target[:, None]
     for nfpb, leaks in ((NFPB, False), (None, True)):
         x = clean.clone().requires_grad_(True)
-        loss, err = causal_diffusion_loss(_generator(nfpb=nfpb), x, eps, t, cond, schedule, loss_mask=mask)
+        loss, err = causal_diffusion_loss(_generator(nfpb=nfpb), x, eps, t, cond, schedule, loss_mask=mask, frame_dim=2)
         loss.backward()
         after = [x.grad[s, :, (int(target[s]) + 1) * NFPB:] for s in range(2)]
         assert any((a != 0).any() for a in after) == leaks
@@ -241,7 +242,7 @@ def test_loss_decreases_with_adam_on_a_tiny_data_set(context):
     gen = _generator(seed=1)
     data = _smooth_videos(4).repeat(2, 1, 1, 1, 1)  # 4 videos, each twice per batch (two noise draws)
     cond = WanCondition(torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(9)).repeat(2, 1, 1))
-    batch = DistillBatch(cond=cond, batch_size=8, sample_shape=(C, F, H, W), real=data)
+    batch = DistillBatch(cond=cond, latents=DenseLatents(8, (C, F, H, W), frame_dim=2), real=data)
     cfg = CausalDiffusionConfig(context=context, num_frame_per_block=NFPB, shift=SHIFT)
 
     def held_out_loss():  # the same 8 draws each time: the loss of the same noised inputs before and after

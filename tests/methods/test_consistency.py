@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.guidance import cfg as cfg_combine
 from megadistill.methods.base import Denoiser, DistillBatch
 from megadistill.methods.consistency import ConsistencyConfig, ConsistencyDistillation, update_ema
@@ -19,7 +20,7 @@ def _setup(cfg, seed=0):
     method = ConsistencyDistillation(cfg, generator=student, teacher=teacher, rng=torch.Generator().manual_seed(9))
     cond = torch.randint(0, 3, (B,))
     batch = DistillBatch(
-        cond=cond, uncond=torch.full_like(cond, 3), batch_size=B, sample_shape=(2,), real=torch.randn(B, 2)
+        cond=cond, uncond=torch.full_like(cond, 3), latents=DenseLatents(B, (2,)), real=torch.randn(B, 2)
     )
     return method, batch, teacher
 

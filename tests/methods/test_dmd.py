@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.flow_match import shift_timestep
 from megadistill.methods.base import Denoiser, DistillBatch, RolloutOutput
 from megadistill.methods.dmd import DMD, DMDConfig, dmd_gradient, dmd_loss
@@ -72,7 +73,7 @@ def test_dmd_generator_gradient_matches_closed_form(fake_scale):
     critic = Denoiser(ToyFlowMLP(2, 3, hidden=16, depth=2)).double()
     x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
     cond, uncond = torch.randint(0, 3, (6,)), torch.full((6,), 3)
-    batch = DistillBatch(cond=cond, uncond=uncond, batch_size=6, sample_shape=(2,), dtype=torch.float64)
+    batch = DistillBatch(cond=cond, uncond=uncond, latents=DenseLatents(6, (2,)), dtype=torch.float64)
     cfg = DMDConfig(guidance_scale=3.0, guidance_form="upstream", fake_guidance_scale=fake_scale,
                     timestep_shift=5.0, snap_noise_to_grid=True)
     method = DMD(cfg, generator=teacher, teacher=teacher, critic=critic, rollout=FixedRollout(x),

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import Denoiser, DistillBatch, RolloutOutput
 from megadistill.methods.gan import GANConfig, GANDistillation
 from megadistill.models.discriminators.discriminator import Discriminator
@@ -53,7 +54,7 @@ def _setup(cfg, b=6):
     )
     cond = torch.randint(0, 3, (b,))
     batch = DistillBatch(
-        cond=cond, uncond=torch.full_like(cond, 3), batch_size=b, sample_shape=(2,), real=torch.randn(b, 2)
+        cond=cond, uncond=torch.full_like(cond, 3), latents=DenseLatents(b, (2,)), real=torch.randn(b, 2)
     )
     return method, batch, spy, z
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.flow_match import FlowMatchSchedule, warp_step_list
 from megadistill.methods import METHODS, get_method
 from megadistill.methods.base import Denoiser, DistillBatch, FewStepRollout, nominal_timestep
@@ -53,7 +54,7 @@ def test_rollout_grad_only_at_exit_step_and_renoises():
     net = LinearFlow()
     g = torch.Generator().manual_seed(0)
     rollout = FewStepRollout([1000.0, 750.0, 500.0, 250.0], last_step_only=True, generator=g)
-    batch = DistillBatch(cond=torch.zeros(5), batch_size=5, sample_shape=(3,), dtype=torch.float64)
+    batch = DistillBatch(cond=torch.zeros(5), latents=DenseLatents(5, (3,)), dtype=torch.float64)
     out = rollout(Denoiser(net), batch, grad=True)
     assert out.exit_index == 3
     assert [c[0] for c in net.calls] == [1000.0, 750.0, 500.0, 250.0]
@@ -68,7 +69,7 @@ def test_rollout_grad_only_at_exit_step_and_renoises():
 def test_rollout_random_exit_covers_all_steps():
     g = torch.Generator().manual_seed(0)
     rollout = FewStepRollout([1000.0, 500.0], generator=g)
-    batch = DistillBatch(cond=torch.zeros(2), batch_size=2, sample_shape=(2,), dtype=torch.float64)
+    batch = DistillBatch(cond=torch.zeros(2), latents=DenseLatents(2, (2,)), dtype=torch.float64)
     exits = {rollout(Denoiser(LinearFlow()), batch, grad=False).exit_index for _ in range(40)}
     assert exits == {0, 1}
 
@@ -83,7 +84,7 @@ def test_nominal_timesteps_of_warped_list_match_upstream():
     torch.manual_seed(0)
     seen = set()
     for _ in range(30):
-        out = rollout(Denoiser(LinearFlow()), DistillBatch(cond=torch.zeros(1), batch_size=1, sample_shape=(2,),
+        out = rollout(Denoiser(LinearFlow()), DistillBatch(cond=torch.zeros(1), latents=DenseLatents(1, (2,)),
                                                            dtype=torch.float64), grad=False)
         seen.add((out.exit_index, out.denoised_timestep_from, out.denoised_timestep_to))
     expected = {(0, 1000.0, 750.0), (1, 750.0, 500.0), (2, 500.0, 250.0), (3, 250.0, 0.0)}
@@ -92,7 +93,7 @@ def test_nominal_timesteps_of_warped_list_match_upstream():
 
 def test_distill_batch_validates_batch():
     with pytest.raises(ValueError, match="real"):
-        DistillBatch(cond=None, batch_size=2, sample_shape=(2,), real=torch.zeros(3, 2))
+        DistillBatch(cond=None, latents=DenseLatents(2, (2,)), real=torch.zeros(3, 2))
 
 
 def test_registry_names_and_errors():

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.flow_match import warp_step_list
 from megadistill.methods.base import Denoiser, DistillBatch
 from megadistill.methods.ode_regression import (
@@ -65,7 +66,7 @@ def test_loss_uses_the_indexed_state_and_skips_t0():
         assert float(err[b].detach()) == pytest.approx(float(((x0.detach() - traj[b:b + 1, -1]) ** 2).mean()))
     method = ODERegression(ODERegressionConfig(step_list=[1000.0, 500.0, 0.0]), generator=gen,
                            rng=torch.Generator().manual_seed(0))
-    batch = DistillBatch(cond=cond, batch_size=4, sample_shape=(2,), trajectory=traj, trajectory_steps=steps,
+    batch = DistillBatch(cond=cond, latents=DenseLatents(4, (2,)), trajectory=traj, trajectory_steps=steps,
                          dtype=torch.float64)
     loss, logs = method.generator_loss(batch, 0)
     rng = torch.Generator().manual_seed(0)
@@ -73,7 +74,7 @@ def test_loss_uses_the_indexed_state_and_skips_t0():
     err, t = ode_regression_loss(gen, traj, steps, cond, idx)
     torch.testing.assert_close(loss, err[t != 0].mean())
     with pytest.raises(ValueError, match="training step list"):
-        method.generator_loss(DistillBatch(cond=cond, batch_size=4, sample_shape=(2,), trajectory=traj,
+        method.generator_loss(DistillBatch(cond=cond, latents=DenseLatents(4, (2,)), trajectory=traj,
                                            trajectory_steps=torch.tensor([1000.0, 400.0, 0.0])), 0)
 
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.samplers import flow_inference_sigmas
 from megadistill.methods.base import Denoiser, DistillBatch
 from megadistill.methods.progressive import ProgressiveConfig, ProgressiveDistillation, teacher_multistep_target
@@ -48,8 +49,7 @@ def test_stages_advance_and_teacher_becomes_frozen_student():
     student = _teacher()
     cfg = ProgressiveConfig(start_steps=8, end_steps=2, iterations_per_stage=3, guidance_scale=3.0)
     method = ProgressiveDistillation(cfg, generator=student, teacher=teacher, rng=torch.Generator().manual_seed(0))
-    batch = DistillBatch(cond=torch.zeros(4, dtype=torch.long), uncond=torch.full((4,), 3), batch_size=4,
-                         sample_shape=(2,), real=torch.randn(4, 2))
+    batch = DistillBatch(cond=torch.zeros(4, dtype=torch.long), uncond=torch.full((4,), 3), latents=DenseLatents(4, (2,)), real=torch.randn(4, 2))
     method.generator_loss(batch, 0)
     assert method.stage == 0 and method.teacher is teacher and method.teacher_guidance() == 3.0
     assert len(method.student_step_list()) == 4
@@ -71,7 +71,7 @@ def test_loss_is_mse_to_target_flow():
     method = ProgressiveDistillation(cfg, generator=student, teacher=teacher, rng=torch.Generator().manual_seed(5))
     real = torch.randn(3, 2)
     cond = torch.tensor([0, 1, 2])
-    batch = DistillBatch(cond=cond, uncond=torch.full((3,), 3), batch_size=3, sample_shape=(2,), real=real)
+    batch = DistillBatch(cond=cond, uncond=torch.full((3,), 3), latents=DenseLatents(3, (2,)), real=real)
     loss, _ = method.generator_loss(batch, 0)
     rng = torch.Generator().manual_seed(5)
     j = torch.randint(0, 2, (3,), generator=rng)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.flow_match import FlowMatchSchedule
 from megadistill.methods.base import DistillBatch, Denoiser
 from megadistill.methods.dmd import DMD, DMDConfig
@@ -39,14 +40,14 @@ def method_and_inputs(score, snap=True):
 @pytest.mark.parametrize("snap", [True, False], ids=["grid", "continuous"])
 def test_exact_score_sigma_recovers_the_clean_sample(snap):
     method, cfg, x, x_t, t, _ = method_and_inputs("exact", snap)
-    batch = DistillBatch(cond=None, uncond=None, batch_size=4, sample_shape=(8,))
+    batch = DistillBatch(cond=None, uncond=None, latents=DenseLatents(4, (8,)))
     x0 = method.real_x0(x_t, t, batch)
     torch.testing.assert_close(x0, x, rtol=0, atol=2e-6)
 
 
 def test_upstream_score_sigma_is_the_shift_8_grid():
     method, cfg, x, x_t, t, eps = method_and_inputs("upstream")
-    batch = DistillBatch(cond=None, uncond=None, batch_size=4, sample_shape=(8,))
+    batch = DistillBatch(cond=None, uncond=None, latents=DenseLatents(4, (8,)))
     x0 = method.real_x0(x_t, t, batch)
     # x0 = x_t - sigma_8 v = x_t - (sigma_8 / sigma_5)(x_t - x): independent grids from the schedule
     ratio = FlowMatchSchedule(shift=8.0).sigma_at(t) / FlowMatchSchedule(shift=5.0).sigma_at(t)

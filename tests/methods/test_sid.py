@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import Denoiser, DistillBatch, RolloutOutput
 from megadistill.methods.sid import SiD, SiDConfig, sid_loss
 from megadistill.models.toy.mlp import ToyFlowMLP
@@ -49,8 +50,7 @@ def test_sid_generator_loss_backpropagates_through_teacher_and_critic_inputs():
         def __call__(self, generator, batch, *, grad):
             return RolloutOutput(x, 1000.0, 0.0)
 
-    batch = DistillBatch(cond=torch.zeros(4, dtype=torch.long), uncond=torch.full((4,), 3), batch_size=4,
-                         sample_shape=(2,), dtype=torch.float64)
+    batch = DistillBatch(cond=torch.zeros(4, dtype=torch.long), uncond=torch.full((4,), 3), latents=DenseLatents(4, (2,)), dtype=torch.float64)
     cfg = SiDConfig(timestep_shift=1.0, snap_noise_to_grid=False)
     method = SiD(cfg, generator=teacher, teacher=teacher, critic=critic, rollout=Fixed(),
                  rng=torch.Generator().manual_seed(3))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import Denoiser, DistillBatch, freeze
 from megadistill.models.family import Evaluator, ModelFamily, Networks
 
@@ -117,7 +118,7 @@ class CubeFamily(ModelFamily):
 
         def make(g):
             labels = torch.randint(0, 2, (micro,), generator=g)
-            return DistillBatch(cond=labels, uncond=torch.full_like(labels, 2), batch_size=micro, sample_shape=(3,))
+            return DistillBatch(cond=labels, uncond=torch.full_like(labels, 2), latents=DenseLatents(micro, (3,)))
 
         return make
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.engine.config import EMAConfig, OptimConfig, TrainConfig  # noqa: E402
 from megadistill.engine.engines import full_state_dict, init_distributed, load_full_state_dict  # noqa: E402
 from megadistill.engine.trainer import Trainer  # noqa: E402
@@ -98,8 +99,7 @@ class GlobalSampleSource:
         data = torch.Generator().manual_seed((SEED * 7919 + update) * 1013 + sample)
         context = torch.randn(1, TEXT_LEN, self.text_dim, generator=data)
         real = torch.randn(1, *LATENT, generator=data) if self.real else None
-        return DistillBatch(cond=WanCondition(context), uncond=WanCondition(self.negative), batch_size=1,
-                            sample_shape=LATENT, real=real)
+        return DistillBatch(cond=WanCondition(context), uncond=WanCondition(self.negative), latents=DenseLatents(1, LATENT, frame_dim=2), real=real)
 
     def state_dict(self):
         return {"position": self.position}

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.flow_match import shift_sigma
 from megadistill.methods.base import DistillBatch, freeze
 from megadistill.methods.dmd import DMD, DMDConfig
@@ -34,14 +35,13 @@ def _ti2v_batch(seed=0):
     cond = WanCondition(context=torch.randn(B, 5, 32, generator=g),
                         first_frame=torch.randn(B, 48, 1, H, W, generator=g))
     uncond = WanCondition(context=torch.zeros(B, 5, 32), first_frame=cond.first_frame)
-    return DistillBatch(cond=cond, uncond=uncond, batch_size=B, sample_shape=(48, F, H, W))
+    return DistillBatch(cond=cond, uncond=uncond, latents=DenseLatents(B, (48, F, H, W), frame_dim=2))
 
 
 def _t2v_batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     cond = WanCondition(context=torch.randn(B, 5, 32, generator=g))
-    return DistillBatch(cond=cond, uncond=WanCondition(context=torch.zeros(B, 5, 32)), batch_size=B,
-                        sample_shape=(16, F, H, W))
+    return DistillBatch(cond=cond, uncond=WanCondition(context=torch.zeros(B, 5, 32)), latents=DenseLatents(B, (16, F, H, W), frame_dim=2))
 
 
 class TimestepSpy(torch.nn.Module):
@@ -112,7 +112,7 @@ def test_t2v_and_i2v_rollouts_have_no_gradient_mask():
     i2v = WanDenoiser(_wan("tiny-i2v"))
     cond = WanCondition(context=torch.randn(B, 5, 32), clip_fea=torch.randn(B, 257, 48), y=torch.randn(B, 20, F, H, W))
     out = BidirectionalRollout(steps, torch.Generator().manual_seed(0))(
-        i2v, DistillBatch(cond=cond, batch_size=B, sample_shape=(16, F, H, W)), grad=True)
+        i2v, DistillBatch(cond=cond, latents=DenseLatents(B, (16, F, H, W), frame_dim=2)), grad=True)
     assert out.gradient_mask is None and out.samples.requires_grad
 
 
@@ -174,7 +174,7 @@ def test_inference_and_training_run_the_same_steps_and_agree(preset):
     train_steps = [t for t, _ in spy.calls]
     spy.calls.clear()
     g = torch.Generator().manual_seed(9)
-    noise = torch.randn((B, *batch.sample_shape), generator=g)
+    noise = torch.randn((B, *batch.latents.sample_shape), generator=g)
     sampled = bidirectional_generate(den, batch.cond, noise, steps, noise_generator=g)
     assert train_steps == [t for t, _ in spy.calls] == steps.timesteps()
     torch.testing.assert_close(sampled, trained, rtol=0, atol=0)

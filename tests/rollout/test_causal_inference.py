@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import megadistill.models.wan.denoiser as wan_denoiser
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import DistillBatch
 from megadistill.models.wan import build_wan
 from megadistill.rollout.causal_inference import CausalStream, causal_generate
@@ -104,7 +105,7 @@ def test_every_step_equals_the_parallel_forward(exit_index):
     cond = condition(denoiser)
     cfg = SelfForcingConfig(num_training_frames=6)
     rollout = SelfForcingRollout(STEPS, cfg, noise_generator=torch.Generator().manual_seed(4))
-    batch = DistillBatch(cond=cond, batch_size=2, sample_shape=(16, 6, H, W))
+    batch = DistillBatch(cond=cond, latents=DenseLatents(2, (16, 6, H, W), frame_dim=2))
     with torch.no_grad():
         streamed = rollout.run(denoiser, batch, RolloutPlan(6, (exit_index,) * 3), grad=False).video
         noise, g = _noise(denoiser, 2, 6, seed=4)
@@ -164,7 +165,7 @@ def test_inference_and_training_run_the_same_step_list(monkeypatch):
     calls.clear()
     rollout = SelfForcingRollout(steps, SelfForcingConfig(num_training_frames=4, last_step_only=True),
                                  noise_generator=g)
-    rollout(denoiser, DistillBatch(cond=cond, batch_size=2, sample_shape=(16, 4, H, W)), grad=False)
+    rollout(denoiser, DistillBatch(cond=cond, latents=DenseLatents(2, (16, 4, H, W), frame_dim=2)), grad=False)
     training = list(calls)
     # per block: the 4 steps, then the refresh at t = 0 (after the first block only)
     assert inference == training == expected + [0.0] + expected
@@ -177,7 +178,7 @@ def test_rollout_with_last_step_only_equals_causal_generate():
     cfg = SelfForcingConfig(num_training_frames=6, last_step_only=True, context_noise=50.0)
     rollout = SelfForcingRollout(STEPS, cfg, generator=torch.Generator().manual_seed(0),
                                  noise_generator=torch.Generator().manual_seed(7))
-    out = rollout(denoiser, DistillBatch(cond=cond, batch_size=2, sample_shape=(16, 6, H, W)), grad=False)
+    out = rollout(denoiser, DistillBatch(cond=cond, latents=DenseLatents(2, (16, 6, H, W), frame_dim=2)), grad=False)
     noise, g = _noise(denoiser, 2, 6, seed=7)
     expected = causal_generate(denoiser, cond, noise, STEPS, g, context_noise=50.0, refresh="noised")
     assert torch.equal(out.samples, expected)

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import DistillBatch, freeze
 from megadistill.methods.dmd import DMD, DMDConfig, dmd_gradient
 from megadistill.methods.gan import GANConfig, GANDistillation
@@ -51,7 +52,7 @@ def _batch(variant, seed=0, as_dict=False, frames=F):
     if not as_dict:
         cond, uncond = WanCondition(**cond), WanCondition(**uncond)
     shape = (CHANNELS[variant], frames, H, W)
-    return DistillBatch(cond=cond, uncond=uncond, batch_size=B, sample_shape=shape,
+    return DistillBatch(cond=cond, uncond=uncond, latents=DenseLatents(B, shape, frame_dim=2),
                         real=torch.randn(B, *shape, generator=g))
 
 
@@ -136,7 +137,7 @@ def test_ode_regression_on_wan_reaches_only_the_generator(variant):
     steps = StepListConfig()
     batch = _batch(variant)
     g = torch.Generator().manual_seed(3)
-    batch.trajectory = torch.randn(B, len(steps.steps) + 1, *batch.sample_shape, generator=g)
+    batch.trajectory = torch.randn(B, len(steps.steps) + 1, *batch.latents.sample_shape, generator=g)
     batch.trajectory_steps = torch.tensor(steps.timesteps(), dtype=torch.float64)
     method = ODERegression(ODERegressionConfig(step_list=steps.timesteps()), generator=generator,
                            rng=torch.Generator().manual_seed(0))
@@ -265,7 +266,7 @@ def test_causal_ode_regression_per_block_matches_a_manual_block_causal_forward()
     steps = torch.tensor(step_list, dtype=torch.float64)
 
     index = torch.tensor([[0, 0, 4, 4], [2, 2, 3, 3]])
-    err, t = ode_regression_loss_per_frame(student, traj, steps, batch.cond, index)
+    err, t = ode_regression_loss_per_frame(student, traj, steps, batch.cond, index, frame_dim=2)
     # manual: frame f of sample b from state index[b, f]; one block-causal forward with t [B, F]
     x_t = torch.stack([torch.stack([traj[b, index[b, f], :, f] for f in range(frames)], dim=1) for b in range(B)])
     t_manual = steps[index]
@@ -280,7 +281,7 @@ def test_causal_ode_regression_per_block_matches_a_manual_block_causal_forward()
     # block causality of the parallel forward: block 1's inputs do not change block 0's prediction
     traj2 = traj.clone()
     traj2[:, :, :, 2:] += 1.0
-    err2, _ = ode_regression_loss_per_frame(student, traj2, steps, batch.cond, index)
+    err2, _ = ode_regression_loss_per_frame(student, traj2, steps, batch.cond, index, frame_dim=2)
     torch.testing.assert_close(err2[:, :2], err[:, :2], rtol=1e-6, atol=0)
 
     method = ODERegression(ODERegressionConfig(step_list=step_list, num_frame_per_block=nfpb), generator=student,
@@ -288,7 +289,7 @@ def test_causal_ode_regression_per_block_matches_a_manual_block_causal_forward()
     batch.trajectory, batch.trajectory_steps = traj, steps
     loss, logs = method.generator_loss(batch, 0)
     drawn = per_block_index(B, frames, nfpb, len(step_list), torch.Generator().manual_seed(5))
-    err, t = ode_regression_loss_per_frame(student, traj, steps, batch.cond, drawn)
+    err, t = ode_regression_loss_per_frame(student, traj, steps, batch.cond, drawn, frame_dim=2)
     torch.testing.assert_close(loss, err[t != 0].mean())
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import DistillBatch, FewStepRollout, masked_mean
 from megadistill.models.wan import CrossAttnCache, new_kv_cache
 from megadistill.rollout.self_forcing import RolloutPlan, SelfForcingConfig, SelfForcingRollout
@@ -34,7 +35,7 @@ def make_batch(denoiser, frames, b=2, seed=1) -> DistillBatch:
     if c.model_type == "i2v":
         cond = WanCondition(context, clip_fea=torch.randn(b, 257, c.image_dim, generator=g),
                             y=torch.randn(b, c.condition_dim, frames, H, W, generator=g))
-    return DistillBatch(cond=cond, batch_size=b, sample_shape=(c.out_dim, frames, H, W))
+    return DistillBatch(cond=cond, latents=DenseLatents(b, (c.out_dim, frames, H, W), frame_dim=2))
 
 
 def rollout_for(cfg, shared=0, noise=1, **kwargs):
@@ -283,7 +284,7 @@ def test_rollout_errors():
     with pytest.raises(ValueError, match="must be max_frames = 4"):
         rollout(causal, make_batch(causal, 6), grad=False)
     with pytest.raises(ValueError, match="channels"):
-        rollout(causal, DistillBatch(cond=make_batch(causal, 4).cond, batch_size=2, sample_shape=(8, 4, H, W)),
+        rollout(causal, DistillBatch(cond=make_batch(causal, 4).cond, latents=DenseLatents(2, (8, 4, H, W), frame_dim=2)),
                 grad=False)
     with pytest.raises(ValueError, match=r"num_training_frames \(4\) must be a multiple"):
         rollout(tiny_denoiser(num_frame_per_block=3), make_batch(causal, 4), grad=False)
@@ -292,6 +293,6 @@ def test_rollout_errors():
     ti2v = tiny_denoiser("tiny-ti2v", num_frame_per_block=2)
     cond = WanCondition(torch.randn(2, 16, 32), first_frame=torch.randn(2, 48, 1, H, W))
     with pytest.raises(ValueError, match="first_frame"):
-        rollout(ti2v, DistillBatch(cond=cond, batch_size=2, sample_shape=(48, 4, H, W)), grad=False)
+        rollout(ti2v, DistillBatch(cond=cond, latents=DenseLatents(2, (48, 4, H, W), frame_dim=2)), grad=False)
     with pytest.raises(ValueError, match="does not match whole blocks"):
         rollout.run(causal, make_batch(causal, 4), RolloutPlan(4, (0,)), grad=False)

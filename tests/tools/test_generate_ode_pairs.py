@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.samplers import euler_flow_sample, flow_inference_sigmas
 from megadistill.methods.base import DistillBatch
 from megadistill.methods.ode_regression import ODERegression, ODERegressionConfig
@@ -86,8 +87,7 @@ def test_default_steps_are_the_training_list_and_load_into_ode_regression(teache
     student = WanDenoiser(build_wan("tiny-t2v"))
     method = ODERegression(ODERegressionConfig(step_list=training.timesteps()), generator=student,
                            rng=torch.Generator().manual_seed(0))
-    batch = DistillBatch(cond=WanCondition(context=emb["context"][pairs["prompt_index"]]), batch_size=3,
-                         sample_shape=(16, F, H, W), trajectory=pairs["trajectory"],
+    batch = DistillBatch(cond=WanCondition(context=emb["context"][pairs["prompt_index"]]), latents=DenseLatents(3, (16, F, H, W), frame_dim=2), trajectory=pairs["trajectory"],
                          trajectory_steps=pairs["steps"])
     loss, _ = method.generator_loss(batch, 0)
     assert torch.isfinite(loss) and loss > 0

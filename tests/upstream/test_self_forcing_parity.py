@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.diffusion.flow_match import shift_timestep
 from megadistill.methods.base import DistillBatch, RolloutOutput
 from megadistill.methods.dmd import DMD, DMDConfig
@@ -64,7 +65,7 @@ def score_method(cls, config_cls, case: str, score_sigma: str):
     teacher.requires_grad_(False)
     x = to_megadistill(FIXTURE[f"{case}/x"]).requires_grad_(True)
     cond, uncond = FIXTURE.condition(x.shape[0])
-    batch = DistillBatch(cond=cond, uncond=uncond, batch_size=x.shape[0], sample_shape=tuple(x.shape[1:]))
+    batch = DistillBatch(cond=cond, uncond=uncond, latents=DenseLatents(x.shape[0], tuple(x.shape[1:]), frame_dim=2))
     method = cls(config_cls(score_sigma=score_sigma), generator=None, teacher=teacher, critic=critic,
                  rollout=FixedRollout(x))
     tape = Replay(FIXTURE.tape(case))
@@ -124,7 +125,7 @@ def run_rollout(monkeypatch, case: str, cache_gradient: str, checkpointing: bool
                                                                      cache_gradient=cache_gradient))
     monkeypatch.setattr(rollout, "initial_noise", lambda shape, batch: noise)
     cond, _ = FIXTURE.condition(1)
-    batch = DistillBatch(cond=cond, batch_size=1, sample_shape=tuple(noise.shape[1:]))
+    batch = DistillBatch(cond=cond, latents=DenseLatents(1, tuple(noise.shape[1:]), frame_dim=2))
     out = rollout.run(generator, batch, RolloutPlan(frames, exits), grad=True)
     (out.video * to_megadistill(FIXTURE[f"{case}/weight"])).sum().backward()
     # upstream also refreshes after the last block, which nothing reads: its one draw is left over
@@ -174,7 +175,7 @@ def dmd_generator_step(monkeypatch, cache_gradient: str, score_sigma: str) -> tu
                  rollout=rollout)
     monkeypatch.setattr(method, "draw_score_noise", lambda *_: (t, eps))
     cond, uncond = FIXTURE.condition(1)
-    batch = DistillBatch(cond=cond, uncond=uncond, batch_size=1, sample_shape=tuple(noise.shape[1:]))
+    batch = DistillBatch(cond=cond, uncond=uncond, latents=DenseLatents(1, tuple(noise.shape[1:]), frame_dim=2))
     loss, _ = method.generator_loss(batch, 0)
     loss.backward()
     monkeypatch.undo()

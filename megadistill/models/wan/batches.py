@@ -8,9 +8,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import DistillBatch, MethodNeeds
 
 from .prompts import PromptSet
+
+LATENT_FRAME_DIM = 2  # Wan latents are [B, C, F, H, W]
 
 
 class PromptBatches:
@@ -28,7 +31,7 @@ class PromptBatches:
 
             real = render_videos([self.prompts.prompts[i] for i in idx.tolist()], generator)
         return DistillBatch(cond=self.prompts.condition(idx), uncond=self.prompts.uncondition(idx),
-                            batch_size=self.micro, sample_shape=self.latent_shape, real=real)
+                            latents=DenseLatents(self.micro, self.latent_shape, frame_dim=LATENT_FRAME_DIM), real=real)
 
 
 class ODEPairBatches:
@@ -61,7 +64,7 @@ class ODEPairBatches:
         stored = {"real": trajectory[:, -1]} if self.real_only else \
             {"trajectory": trajectory, "trajectory_steps": self.steps}
         return DistillBatch(cond=self.prompts.condition(prompt_idx), uncond=self.prompts.uncondition(prompt_idx),
-                            batch_size=self.micro, sample_shape=tuple(self.trajectory.shape[2:]), **stored)
+                            latents=DenseLatents(self.micro, tuple(self.trajectory.shape[2:]), frame_dim=LATENT_FRAME_DIM), **stored)
 
 
 def make_batches(cfg, needs: MethodNeeds, prompts: PromptSet):
