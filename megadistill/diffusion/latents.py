@@ -58,8 +58,12 @@ class Latents(abc.ABC):
 
     def frame_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of each frame of each sample: ``[B, F]`` (per-frame losses of causal training)."""
-        raise ValueError(f"{type(self).__name__} has no frame axis: per-frame losses need dense video latents "
-                         "with frame_dim set")
+        raise _no_frame_axis(self)
+
+
+def _no_frame_axis(latents: Latents) -> ValueError:
+    return ValueError(f"{type(latents).__name__} has no frame axis: per-frame losses need dense video latents "
+                      "with frame_dim set")
 
 
 @dataclass(frozen=True)
@@ -89,16 +93,13 @@ class DenseLatents(Latents):
     def per_sample_mean(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=tuple(range(1, x.dim())))
 
-    def per_sample_mean_abs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.abs().mean(dim=tuple(range(1, x.dim())), keepdim=True)
-
     def frame_mean(self, x: torch.Tensor) -> torch.Tensor:
         return frame_mean(x, self.video_frame_dim())
 
     def video_frame_dim(self) -> int:
         """``frame_dim``, or a ValueError when these latents have no frame axis."""
         if self.frame_dim is None:
-            super().frame_mean(torch.empty(0))
+            raise _no_frame_axis(self)
         return self.frame_dim
 
 
