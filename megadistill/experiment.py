@@ -19,8 +19,11 @@
               before anything is built (jobs/distill.py check_inputs)
     toylab    the toy lab table (job toylab_table only)
 
-Defaults are the upstream (Self-Forcing, Wan2.1 T2V) values; every shipped YAML in configs/ states
-its deviations from them.
+Defaults are the upstream (Self-Forcing, Wan2.1 T2V) values, except what a loaded config
+(``load_config``) takes from its model family: its ``rollout_defaults`` and its noise schedule (the
+shift and timestep range of the method's and the rollout's schedule fields, diffusion/noise_schedule.py).
+An ExperimentConfig built in Python keeps the section classes' defaults (the generic schedule). Every
+shipped YAML in configs/ states its deviations from them.
 """
 from __future__ import annotations
 
@@ -29,11 +32,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megadistill.config import ConfigError, check_keys, from_dict, merge_onto, to_dict
+from megadistill.diffusion.noise_schedule import NoiseSchedule, check_schedule, schedule_defaults
 from megadistill.engine.config import TrainConfig
 from megadistill.methods import METHODS
 from megadistill.models.registry import DEFAULT_FAMILY, MOVED_JOBS, MOVED_SECTIONS, get_family
 from megadistill.parallel.mesh import ParallelConfig
 from megadistill.rollout.config import RolloutConfig
+from megadistill.rollout.steps import StepListConfig
 from megadistill.toylab.config import ToyLabConfig
 
 JOBS = ("distill", "toylab_table")
@@ -99,6 +104,15 @@ def _typed(cls, value, where: str):
     return from_dict(cls, value or {}, where)
 
 
+def _user_schedule(family: str, model: dict):
+    """The family's noise schedule for the user's ``model`` mapping, or None when that mapping does not
+    build (the config's own build then says why)."""
+    try:
+        return get_family(family).noise_schedule(from_dict(get_family(family).model_config, model, "model"))
+    except (ConfigError, FileNotFoundError, TypeError, ValueError):
+        return None
+
+
 @dataclass
 class ExperimentConfig:
     job: str = "distill"
@@ -135,7 +149,21 @@ class ExperimentConfig:
         self.data = _typed(family.data_config, self.data, "data")
         self.eval = _typed(family.eval_config, self.eval, "eval")
         if self.job == "distill":
+            schedule = self.schedule
+            try:
+                check_schedule(self.method.config, schedule, f"method.{self.method.name}")
+                check_schedule(self.rollout.steps, schedule, "rollout.steps")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
             family.validate(self)
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        """The model family's noise schedule for this run's teacher (ModelFamily.noise_schedule)."""
+        try:
+            return self.family.noise_schedule(self.model)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(str(e)) from None
 
     @property
     def family(self):
@@ -154,6 +182,19 @@ class ExperimentConfig:
         return out
 
     @classmethod
+    def _default_tree(cls, family: str) -> dict:
+        """Every section's defaults, the family-typed ones of ``family`` (built section by section: a
+        whole ExperimentConfig of generic defaults need not fit the family's noise schedule)."""
+        tree = {}
+        for f in dataclasses.fields(cls):
+            tree[f.name] = to_dict(f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        fam = get_family(family)
+        for key, section in (("model", fam.model_config), ("data", fam.data_config), ("eval", fam.eval_config)):
+            tree[key] = to_dict(from_dict(section, {"family": family} if key == "model" else {}, key))
+        tree.pop("toylab")
+        return tree
+
+    @classmethod
     def config_defaults(cls, data: dict) -> dict:
         """The default tree for the user's ``data`` (load_config): the family-typed sections hold the
         defaults of the family the user names. A key of the single-family releases is refused with
@@ -169,9 +210,16 @@ class ExperimentConfig:
             rollout = get_family(family).rollout_defaults
         except ValueError as e:
             raise ConfigError(f"model.family: {e}") from None
-        tree = to_dict(cls(model={"family": family}))
-        tree["rollout"] = merge_onto(tree["rollout"], rollout)
+        tree = cls._default_tree(family)
         tree["method"] = {}  # the selected method's section takes its class's defaults when it is built
+        schedule = _user_schedule(family, merge_onto(tree["model"], model if isinstance(model, dict) else {}))
+        if schedule is not None:  # the family's noise schedule under the method's and the rollout's fields
+            tree["rollout"]["steps"] = merge_onto(tree["rollout"]["steps"], schedule_defaults(StepListConfig, schedule))
+            section = data.get("method")
+            name = section.get("name", DEFAULT_METHOD) if isinstance(section, dict) else DEFAULT_METHOD
+            if name in METHODS:
+                tree["method"] = {name: schedule_defaults(METHODS[name][1], schedule)}
+        tree["rollout"] = merge_onto(tree["rollout"], rollout)
         if data.get("job") == "toylab_table":
             tree["toylab"] = to_dict(ToyLabConfig())
         return tree

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from megadistill.parallel.memory_plan import GIB  # noqa: E402
 from megadistill.rollout.self_forcing import SelfForcingConfig, SelfForcingRollout  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser  # noqa: E402
+from megadistill.models.wan.run_config import SHIFT  # noqa: E402
 
 CASES = ("bidir", "rollout", "rollout_copy", "flex", "sdpa_mask")
 # Dense bf16 tensor-core peak of the GPUs this is run on (H100 / H200 SXM, from NVIDIA's data sheets).
@@ -204,7 +204,7 @@ def main(argv=None) -> int:
         record("bidir", seconds, peak, 3 * forward_flops(cfg, tokens), planned, static_bytes(model))
         model.zero_grad(set_to_none=True)
 
-    steps = StepListConfig()
+    steps = StepListConfig(shift=SHIFT)  # the Wan presets' schedule
     blocks = f // args.num_frame_per_block
     sf = SelfForcingConfig(num_training_frames=blocks * args.num_frame_per_block, last_step_only=True)
     denoiser = WanDenoiser(causal)

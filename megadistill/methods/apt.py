@@ -42,12 +42,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
 from megadistill.diffusion.flow_match import add_noise_continuous, shift_sigma
 from megadistill.diffusion.losses import LOSS_KINDS, distillation_loss
+from megadistill.diffusion.noise_schedule import GENERIC
 from megadistill.diffusion.samplers import euler_flow_sample, flow_inference_sigmas
 from megadistill.models.discriminators.discriminator import Discriminator
 
@@ -69,6 +70,8 @@ APT_TARGETS = ("teacher", "real")
 
 @dataclass
 class APTConfig:
+    SCHEDULE_FIELDS: ClassVar[Dict[str, str]] = {"teacher_shift": "shift", "num_train_timesteps": "num_train_timesteps"}
+
     gan_loss: str = "relativistic"
     distill_loss: str = "l1"
     huber_c: float = 1e-3
@@ -83,10 +86,10 @@ class APTConfig:
     d_timestep_shift: float = 1.0
     target: str = "teacher"
     teacher_steps: int = 50
-    teacher_shift: float = 1.0
+    teacher_shift: float = GENERIC.shift
     guidance_scale: float = 1.0
     guidance_form: str = "standard"
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = GENERIC.num_train_timesteps
 
     def __post_init__(self):
         if self.gan_loss not in GAN_LOSS_KINDS:

@@ -48,13 +48,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 
 from megadistill.diffusion.flow_match import FlowMatchSchedule, flow_target
-from megadistill.diffusion.losses import reduce_loss
 from megadistill.diffusion.latents import frame_mean, per_frame, require_dense
+from megadistill.diffusion.losses import reduce_loss
+from megadistill.diffusion.noise_schedule import GENERIC
 
 from .base import Denoiser, DistillationMethod, DistillBatch, logs_to_floats
 
@@ -66,18 +67,22 @@ LOSS_WEIGHTINGS = ("upstream", "none")
 class CausalDiffusionConfig:
     """``context``: diffusion_forcing (every block its own noise level) or teacher_forcing (clean
     context blocks, one noised block per sample); ``num_frame_per_block``: the generator's causal block
-    (the job sets it from rollout: ``bind_rollout``); ``shift``: timestep shift of the training grid (upstream
-    timestep_shift 5); ``min_timestep`` / ``max_timestep``: the drawn grid timesteps lie in this range
-    (shifted timesteps, in [0, num_train_timesteps]); ``weighting``: ``upstream`` = the schedule's
-    training weight per frame, ``none`` = plain MSE."""
+    (the job sets it from rollout: ``bind_rollout``); ``shift``: timestep shift of the training grid;
+    ``min_timestep`` / ``max_timestep``: the drawn grid timesteps lie in this range (shifted timesteps,
+    in [0, num_train_timesteps]); ``weighting``: ``upstream`` = the schedule's training weight per
+    frame, ``none`` = plain MSE. ``shift``, ``max_timestep`` and ``num_train_timesteps`` default to the
+    model family's noise schedule (Wan: shift 5 as upstream)."""
+
+    SCHEDULE_FIELDS: ClassVar[Dict[str, str]] = {
+        "shift": "shift", "max_timestep": "num_train_timesteps", "num_train_timesteps": "num_train_timesteps"}
 
     context: str = "diffusion_forcing"
     teacher_forcing_fraction: float = 0.5  # context mixed only
     num_frame_per_block: int = 3
-    shift: float = 5.0
+    shift: float = GENERIC.shift
     min_timestep: float = 0.0
-    max_timestep: float = 1000.0
-    num_train_timesteps: int = 1000
+    max_timestep: float = float(GENERIC.num_train_timesteps)
+    num_train_timesteps: int = GENERIC.num_train_timesteps
     weighting: str = "upstream"
 
     def __post_init__(self):

@@ -35,13 +35,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from megadistill.diffusion.flow_match import _expand_like, add_noise_continuous
 from megadistill.diffusion.losses import LOSS_KINDS, distillation_loss
+from megadistill.diffusion.noise_schedule import GENERIC
 from megadistill.diffusion.samplers import flow_inference_sigmas
 
 from megadistill.engine.local_weights import copy_weights_, lerp_weights_, load_local_state, local_state
@@ -53,9 +54,11 @@ CONSISTENCY_MODES = ("teacher", "data")
 
 @dataclass
 class ConsistencyConfig:
+    SCHEDULE_FIELDS: ClassVar[Dict[str, str]] = {"grid_shift": "shift", "num_train_timesteps": "num_train_timesteps"}
+
     num_grid_steps: int = 50  # N: the ODE discretisation the pairs live on
     skip_steps: int = 1  # k: LCM's skipping step, in grid points
-    grid_shift: float = 1.0
+    grid_shift: float = GENERIC.shift
     mode: str = "teacher"  # "teacher" = consistency distillation, "data" = consistency training
     guidance_scale: float = 1.0  # teacher CFG in the solver step (teacher mode)
     guidance_form: str = "standard"
@@ -63,7 +66,7 @@ class ConsistencyConfig:
     loss: str = "huber"
     huber_c: float = 0.001
     student_steps: List[float] = field(default_factory=lambda: [1000.0])
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = GENERIC.num_train_timesteps
 
     def __post_init__(self):
         if self.num_grid_steps < 1:

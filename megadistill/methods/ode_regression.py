@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from megadistill.diffusion.latents import DenseLatents, frame_mean, per_frame, require_dense
+from megadistill.diffusion.noise_schedule import GENERIC
 from megadistill.diffusion.samplers import flow_inference_sigmas
 from .base import Denoiser, DistillationMethod, DistillBatch, logs_to_floats
 
@@ -31,8 +32,10 @@ from .base import Denoiser, DistillationMethod, DistillBatch, logs_to_floats
 class ODERegressionConfig:
     """``num_frame_per_block``: None = one index per sample; an int = one index per block of frames."""
 
+    SCHEDULE_FIELDS: ClassVar[Dict[str, str]] = {"num_train_timesteps": "num_train_timesteps"}
+
     step_list: List[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = GENERIC.num_train_timesteps
     num_frame_per_block: Optional[int] = None
 
     def __post_init__(self):

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 
 from megadistill.diffusion.flow_match import add_noise_continuous
+from megadistill.diffusion.noise_schedule import GENERIC
 from megadistill.diffusion.samplers import flow_inference_sigmas
 
 from megadistill.engine.local_weights import copy_weights_, load_local_state, local_state
@@ -37,15 +38,17 @@ from .base import Denoiser, DistillationMethod, DistillBatch, check_guidance_for
 
 @dataclass
 class ProgressiveConfig:
+    SCHEDULE_FIELDS: ClassVar[Dict[str, str]] = {"shift": "shift", "num_train_timesteps": "num_train_timesteps"}
+
     start_steps: int = 64
     end_steps: int = 1
     stride: int = 2
     iterations_per_stage: int = 10000
-    shift: float = 1.0
+    shift: float = GENERIC.shift
     guidance_scale: float = 7.5
     later_guidance_scale: float = 1.0
     guidance_form: str = "standard"
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = GENERIC.num_train_timesteps
 
     def __post_init__(self):
         check_guidance_form(self.guidance_form)

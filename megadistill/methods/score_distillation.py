@@ -23,11 +23,12 @@ critic's flow by sigma_8 / sigma_5. README "Differences from upstream" gives the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 
 from megadistill.diffusion.flow_match import FlowMatchSchedule, _expand_like, add_noise_continuous, shift_timestep
+from megadistill.diffusion.noise_schedule import GENERIC
 
 from .base import (
     Denoiser, DistillationMethod, DistillBatch, Rollout, RolloutOutput, check_guidance_form, logs_to_floats,
@@ -40,19 +41,23 @@ SCORE_SIGMAS = ("exact", "upstream")
 
 @dataclass
 class ScoreTimestepConfig:
-    """How a critic / score network's timesteps are drawn and noised (Self-Forcing names and defaults).
+    """How a critic / score network's timesteps are drawn and noised (Self-Forcing names and defaults;
+    ``timestep_shift`` and ``num_train_timesteps`` default to the model family's noise schedule,
+    diffusion/noise_schedule.py).
 
     Shared by DMD, SiD and the GAN critic, which all call ``sample_score_timesteps`` / ``add_score_noise``.
     """
 
-    timestep_shift: float = 5.0
+    SCHEDULE_FIELDS: ClassVar[Dict[str, str]] = {"timestep_shift": "shift", "num_train_timesteps": "num_train_timesteps"}
+
+    timestep_shift: float = GENERIC.shift
     min_step_ratio: float = 0.02
     max_step_ratio: float = 0.98
     min_score_timestep: int = 0
     ts_schedule: bool = False
     ts_schedule_max: bool = False
     snap_noise_to_grid: bool = True
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = GENERIC.num_train_timesteps
 
     def __post_init__(self):
         if self.timestep_shift <= 0:

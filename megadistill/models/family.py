@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
+from megadistill.diffusion.noise_schedule import NoiseSchedule
 from megadistill.methods.base import Denoiser, DistillBatch, MethodNeeds
 
 
@@ -78,6 +79,13 @@ class ModelFamily(abc.ABC):
     eval_config: type
     causal: bool = False
     rollout_defaults: Dict[str, Any] = {}
+
+    def noise_schedule(self, model_cfg) -> NoiseSchedule:
+        """The teacher's noise schedule (``model_cfg``: the typed ``model`` section): the timestep range
+        its denoiser takes and the shift the method's and the rollout's schedule fields default to
+        (diffusion/noise_schedule.py). Read at config load (a small file at most); default: the generic
+        ``NoiseSchedule()``."""
+        return NoiseSchedule()
 
     # ------------------------------------------------------------------ checks (no process group yet)
     def validate(self, cfg) -> None:

@@ -7,22 +7,26 @@ shift, so the student ran at timesteps it never saw. Here both sides call ``Step
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, Dict, List, Optional
 
 from megadistill.diffusion.flow_match import FlowMatchSchedule, warp_step_list
+from megadistill.diffusion.noise_schedule import GENERIC
 
 
 @dataclass
 class StepListConfig:
     """``steps``: nominal timesteps in (0, T], strictly decreasing; ``warp``: map them onto the grid of
-    ``shift`` (upstream ``warp_denoising_step``); ``shift`` also defines the re-noising grid;
-    ``grid``: re-noising between steps snaps to that grid (upstream ``scheduler.add_noise``), or, when
-    false, noises at the exact timestep (the toy lab's continuous schedule)."""
+    ``shift`` (upstream ``warp_denoising_step``); ``shift`` also defines the re-noising grid; ``grid``:
+    re-noising between steps snaps to that grid (upstream ``scheduler.add_noise``), or, when false,
+    noises at the exact timestep (the toy lab's continuous schedule). ``shift`` and
+    ``num_train_timesteps`` default to the model family's noise schedule (diffusion/noise_schedule.py)."""
+
+    SCHEDULE_FIELDS: ClassVar[Dict[str, str]] = {"shift": "shift", "num_train_timesteps": "num_train_timesteps"}
 
     steps: List[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     warp: bool = True
-    shift: float = 5.0
-    num_train_timesteps: int = 1000
+    shift: float = GENERIC.shift
+    num_train_timesteps: int = GENERIC.num_train_timesteps
     grid: bool = True
 
     def __post_init__(self):

@@ -72,7 +72,7 @@ class KeepOutput:
 
 
 def test_step_list_is_the_warped_list_on_the_shifted_grid():
-    steps = StepListConfig()  # [1000, 750, 500, 250], warp, shift 5
+    steps = StepListConfig(shift=5.0)  # [1000, 750, 500, 250], warp, Self-Forcing's shift 5
     expected = [1000.0 * float(shift_sigma(torch.tensor(s / 1000.0, dtype=torch.float64), 5.0))
                 for s in (1000, 750, 500, 250)]  # closed form 5s / (1 + 4s): 1000, 937.5, 833.3, 625
     rollout = BidirectionalRollout(steps)

@@ -32,6 +32,7 @@ FIXTURE = _fx.UpstreamFixture()
 # Without gradient checkpointing upstream reuses the cross-attention cache computed under no_grad:
 # the text embedding and the context keys/values get no gradient from the rollout (megadistill's do).
 CROSS_ATTN_CONTEXT = ("text_embedding.", ".cross_attn.k.", ".cross_attn.v.", ".cross_attn.norm_k.")
+UPSTREAM_SHIFT = 5.0  # the fixture's run: Self-Forcing's timestep_shift and denoising-step warp shift
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,7 +48,7 @@ def grad_error(module: torch.nn.Module, reference: dict) -> float:
 
 def score_timesteps(t0: torch.Tensor) -> torch.Tensor:
     """Upstream's t from its randint draw: shift 5, clamped to [20, 980] (float64 here, float32 there)."""
-    return shift_timestep(t0.reshape(-1).double(), 5.0).clamp(20.0, 980.0)
+    return shift_timestep(t0.reshape(-1).double(), UPSTREAM_SHIFT).clamp(20.0, 980.0)
 
 
 class FixedRollout:
@@ -66,7 +67,7 @@ def score_method(cls, config_cls, case: str, score_sigma: str):
     x = to_megadistill(FIXTURE[f"{case}/x"]).requires_grad_(True)
     cond, uncond = FIXTURE.condition(x.shape[0])
     batch = DistillBatch(cond=cond, uncond=uncond, latents=DenseLatents(x.shape[0], tuple(x.shape[1:]), frame_dim=2))
-    method = cls(config_cls(score_sigma=score_sigma), generator=None, teacher=teacher, critic=critic,
+    method = cls(config_cls(score_sigma=score_sigma, timestep_shift=UPSTREAM_SHIFT), generator=None, teacher=teacher, critic=critic,
                  rollout=FixedRollout(x))
     tape = Replay(FIXTURE.tape(case))
     t, eps = score_timesteps(tape.next("randint", "_get_timestep")), to_megadistill(tape.next("randn_like", ""))
@@ -121,7 +122,7 @@ def run_rollout(monkeypatch, case: str, cache_gradient: str, checkpointing: bool
     exits = tuple(tape.next("randint", "generate_and_sync_list").tolist())
     replay_draws(monkeypatch, tape)
     frames = noise.shape[2]
-    rollout = SelfForcingRollout(StepListConfig(), SelfForcingConfig(num_training_frames=frames,
+    rollout = SelfForcingRollout(StepListConfig(shift=UPSTREAM_SHIFT), SelfForcingConfig(num_training_frames=frames,
                                                                      cache_gradient=cache_gradient))
     monkeypatch.setattr(rollout, "initial_noise", lambda shape, batch: noise)
     cond, _ = FIXTURE.condition(1)
@@ -167,11 +168,11 @@ def dmd_generator_step(monkeypatch, cache_gradient: str, score_sigma: str) -> tu
     t = score_timesteps(tape.next("randint", "_get_timestep"))
     eps = to_megadistill(tape.next("randn_like", "compute_distribution_matching_loss"))
     replay_draws(monkeypatch, tape)
-    rollout = SelfForcingRollout(StepListConfig(), SelfForcingConfig(num_training_frames=21,
+    rollout = SelfForcingRollout(StepListConfig(shift=UPSTREAM_SHIFT), SelfForcingConfig(num_training_frames=21,
                                                                      cache_gradient=cache_gradient))
     monkeypatch.setattr(rollout, "draw_plan", lambda nfpb: RolloutPlan(21, exits))
     monkeypatch.setattr(rollout, "initial_noise", lambda shape, batch: noise)
-    method = DMD(DMDConfig(score_sigma=score_sigma), generator=generator, teacher=teacher, critic=critic,
+    method = DMD(DMDConfig(score_sigma=score_sigma, timestep_shift=UPSTREAM_SHIFT), generator=generator, teacher=teacher, critic=critic,
                  rollout=rollout)
     monkeypatch.setattr(method, "draw_score_noise", lambda *_: (t, eps))
     cond, uncond = FIXTURE.condition(1)
@@ -202,7 +203,7 @@ def test_causal_inference_matches_upstream(monkeypatch, case):
     reference = to_megadistill(FIXTURE[f"{case}/latents"])
     tape = Replay(FIXTURE.tape(case))
     replay_draws(monkeypatch, tape)
-    out = causal_generate(generator, cond, noise, StepListConfig(), context_noise=meta["context_noise"],
+    out = causal_generate(generator, cond, noise, StepListConfig(shift=UPSTREAM_SHIFT), context_noise=meta["context_noise"],
                           refresh="clean")
     assert tape.entries == []
     assert rel(out, reference) < FLOAT32
@@ -222,7 +223,7 @@ def test_causal_inference_matches_upstream(monkeypatch, case):
 
     monkeypatch.setattr(CausalStream, "eps_like", eps)
     monkeypatch.setattr(CausalStream, "refresh", noised_refresh)
-    noised = causal_generate(generator, cond, noise, StepListConfig(), context_noise=meta["context_noise"],
+    noised = causal_generate(generator, cond, noise, StepListConfig(shift=UPSTREAM_SHIFT), context_noise=meta["context_noise"],
                              refresh="noised")
     assert tape.entries == []
     assert rel(noised, reference) > 5e-5  # measured 1.8e-4 (window 2.1e-4; context_noise 100: 4.0e-3)

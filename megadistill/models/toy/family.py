@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megadistill.diffusion.noise_schedule import NoiseSchedule
 from megadistill.methods import get_method
 from megadistill.methods.base import Denoiser, DistillBatch, MethodNeeds
 from megadistill.models.discriminators.register_heads import HEAD_STYLES
@@ -79,6 +80,10 @@ class ToyFamily(ModelFamily):
     rollout_defaults = {"kind": "bidirectional", "steps": {"steps": [1000.0, 750.0, 500.0, 250.0], "warp": False,
                                                            "grid": False}}
 
+
+    def noise_schedule(self, model_cfg) -> NoiseSchedule:
+        """The teacher samples on the grid of ``model.shift``: the methods' schedule fields default to it."""
+        return NoiseSchedule(shift=model_cfg.shift)
 
     def check_inputs(self, cfg, needs: MethodNeeds) -> None:
         """The toy family reads no files (its teacher is trained at start); nothing to check here."""

@@ -13,11 +13,12 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
+from megadistill.diffusion.noise_schedule import NoiseSchedule
 from megadistill.methods.base import MethodNeeds
 from megadistill.models.family import Evaluator, ModelFamily, Networks
 
 from .denoiser import WanDenoiser
-from .run_config import DEMO, WanDataConfig, WanEvalConfig, WanModelsConfig, WanRoleConfig
+from .run_config import DEMO, SHIFT, WanDataConfig, WanEvalConfig, WanModelsConfig, WanRoleConfig
 
 ROLES = ("teacher", "generator", "critic")
 
@@ -28,6 +29,20 @@ class WanFamily(ModelFamily):
     data_config = WanDataConfig
     eval_config = WanEvalConfig
     causal = True
+
+    def noise_schedule(self, model_cfg: WanModelsConfig) -> NoiseSchedule:
+        """``model.shift``, else the demo teacher's recorded shift (its settings JSON), else ``SHIFT``."""
+        if model_cfg.shift is not None:
+            return NoiseSchedule(shift=model_cfg.shift)
+        if model_cfg.teacher.preset != DEMO:
+            return NoiseSchedule(shift=SHIFT)
+        from megadistill.demo.teacher import DEFAULT_WEIGHTS, DemoSettings, settings_path
+
+        path = settings_path(model_cfg.teacher.checkpoint or DEFAULT_WEIGHTS)
+        if not path.exists():
+            raise FileNotFoundError(f"model.teacher: the demo teacher's settings {path} are missing "
+                                    "(tools/train_demo_teacher.py writes them)")
+        return NoiseSchedule(shift=DemoSettings.from_dict(json.loads(path.read_text())).shift)
 
     # ------------------------------------------------------------------ checks
     def validate(self, cfg) -> None:

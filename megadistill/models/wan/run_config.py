@@ -5,9 +5,12 @@ teacher's video distance). Only this family's code reads them (models/wan/family
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 DEMO = "demo"
+# Timestep shift of the Wan presets' schedule: Self-Forcing trains Wan2.1 T2V with timestep_shift 5
+# (reference/self-forcing.md).
+SHIFT = 5.0
 
 
 @dataclass
@@ -33,15 +36,19 @@ class WanRoleConfig:
 class WanModelsConfig:
     """``model`` with ``family: wan``. ``discriminator_layers``: the critic blocks a discriminator
     critic (GAN, APT) reads with its register heads (upstream Self-Forcing: 13, 21, 29 of the
-    30-block 1.3B)."""
+    30-block 1.3B). ``shift``: the run's noise-schedule shift, the default of every method and rollout
+    shift (None: the teacher's, ``SHIFT`` for a Wan preset, the recorded one for the demo teacher)."""
 
     family: str = "wan"
     teacher: WanRoleConfig = field(default_factory=lambda: WanRoleConfig(preset=DEMO))
     generator: WanRoleConfig = field(default_factory=WanRoleConfig)
     critic: WanRoleConfig = field(default_factory=WanRoleConfig)
     discriminator_layers: List[int] = field(default_factory=lambda: [13, 21, 29])
+    shift: Optional[float] = None
 
     def __post_init__(self):
+        if self.shift is not None and not self.shift > 0:
+            raise ValueError(f"shift must be > 0 (or null: the teacher's), got {self.shift}")
         if not self.teacher.preset:
             raise ValueError("teacher.preset must be set (a Wan preset or 'demo')")
         if self.teacher.preset != DEMO and not self.teacher.checkpoint:
