@@ -50,6 +50,7 @@ from megadistill.methods.ode_regression import generate_ode_pairs, guided_flow_f
 from megadistill.models.wan import WanConfig, build_wan, load_wan_checkpoint  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser  # noqa: E402
+from megadistill.models.wan.run_config import SHIFT  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -87,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=float, nargs="+", default=[1000.0, 750.0, 500.0, 250.0],
                    help="the student's nominal step list (StepListConfig.steps)")
     p.add_argument("--no-warp", action="store_true", help="use --steps as given (StepListConfig.warp=False)")
-    p.add_argument("--shift", type=float, default=5.0, help="StepListConfig.shift (warp grid)")
+    p.add_argument("--shift", type=float, default=SHIFT, help="StepListConfig.shift (warp grid; default: the Wan "
+                   "presets' noise-schedule shift, what a run's rollout.steps.shift takes)")
     p.add_argument("--ode-steps", type=int, default=48, help="Euler steps of the teacher run")
     p.add_argument("--ode-shift", type=float, default=8.0, help="timestep shift of the teacher's Euler grid")
     p.add_argument("--cfg-scale", type=float, default=6.0, help="standard CFG scale s: u + s (c - u)")

@@ -154,7 +154,7 @@ def _tiny_real_setup(tmp_path):
             "model.teacher.overrides={text_len: 16}", f"data.prompts={tmp_path / 'prompts.txt'}",
             f"data.text_encoder={tmp_path / 'umt5'}", "data.latent_shape=[16, 3, 4, 4]",
             "rollout.num_frame_per_block=1", "rollout.self_forcing.num_training_frames=3",
-            "eval.enabled=false", "model.discriminator_layers=[0, 1]", "method.dmd.timestep_shift=1.0",
+            "eval.enabled=false", "model.discriminator_layers=[0, 1]", "model.shift=1.0",
             "model.generator.checkpoint=''"]  # the teacher's weights, not the demo's causal init
 
 

@@ -19,6 +19,7 @@ from megadistill.methods.ode_regression import ODERegression, ODERegressionConfi
 from megadistill.models.wan import build_wan, save_wan_checkpoint
 from megadistill.rollout.steps import StepListConfig
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
+from megadistill.models.wan.run_config import SHIFT
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("generate_ode_pairs_cli", ROOT / "tools" / "generate_ode_pairs.py")
@@ -80,7 +81,7 @@ def test_default_steps_are_the_training_list_and_load_into_ode_regression(teache
     net, root, emb = teacher_files
     assert _run(root, tmp_path, "--ode-steps", "6", "--cfg-scale", "3.0") == 0
     pairs = cli.load_ode_pairs(sorted(tmp_path.glob("ode_pairs_*.safetensors")))
-    training = StepListConfig()  # the student's list: warped [1000, 750, 500, 250] at shift 5
+    training = StepListConfig(shift=SHIFT)  # the student's list: warped [1000, 750, 500, 250] at Wan's shift 5
     assert pairs["steps"].tolist() == training.timesteps()
     assert pairs["trajectory"].shape == (3, 5, 16, F, H, W)
 
