@@ -19,7 +19,7 @@
               before anything is built (jobs/distill.py check_inputs)
     toylab    the toy lab table (job toylab_table only)
 
-Defaults are the upstream (Self-Forcing, Wan2.1 T2V) values, except what a loaded config
+Defaults are the upstream Self-Forcing values, except what a loaded config
 (``load_config``) takes from its model family: its ``rollout_defaults`` and its noise schedule (the
 shift and timestep range of the method's and the rollout's schedule fields, diffusion/noise_schedule.py).
 An ExperimentConfig built in Python keeps the section classes' defaults (the generic schedule). Every

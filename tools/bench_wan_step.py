@@ -123,6 +123,15 @@ class Meter:
         return times[len(times) // 2], peak
 
 
+def with_attention(model, backend: str):
+    """The same network (weights, device, dtype) built with attention back-end ``backend`` (a model's
+    back-end is fixed at build); ``model`` is left to be freed."""
+    p = model.blocks[0].self_attn.o.weight  # the projections' dtype (norms and modulation stay float32)
+    new = build_wan(model.config.replace(attention=backend), device=p.device, dtype=p.dtype)
+    new.load_state_dict(model.state_dict())
+    return new
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -239,7 +248,7 @@ def main(argv=None) -> int:
         if case == "flex" and device.type != "cuda":
             print("flex: skipped (flex_attention trains on CUDA only)")
             continue
-        causal.use_flex_attention = case == "flex"
+        causal = with_attention(causal, "flex" if case == "flex" else "sdpa")
         ts = torch.linspace(100, 900, f // args.num_frame_per_block, device=device)
         t_frames = ts.repeat_interleave(args.num_frame_per_block)[None]
 
@@ -261,7 +270,7 @@ def main(argv=None) -> int:
     if outputs and args.reference:
         # Both masked paths against float32 SDPA with the dense mask: a backend is right when its error
         # is that of its precision (the other path's), not larger.
-        causal.float().use_flex_attention = False
+        causal = with_attention(causal.float(), "sdpa")
         x, context = x.float(), context.float()
         for p in causal.parameters():
             p.grad = torch.zeros_like(p)

@@ -49,9 +49,10 @@ def staged(collective):
     return run
 
 
-def make_model(args, dtype, device):
+def make_model(args, dtype, device, attention="auto"):
     torch.manual_seed(0)
-    model = build_wan("wan2.1-t2v-1.3b", num_layers=args.layers, text_len=64, num_frame_per_block=args.nfpb)
+    model = build_wan("wan2.1-t2v-1.3b", num_layers=args.layers, text_len=64, num_frame_per_block=args.nfpb,
+                      attention=attention)
     with torch.no_grad():  # the upstream init zeroes the head: give every output and gradient a value
         model.head.head.weight.normal_(0, 0.02)
     return model.to(device=device, dtype=dtype)
@@ -123,8 +124,7 @@ def worker(rank, args, port, queue):
     group = dist.new_group(list(range(args.sp)))
     rows = []
     for case in ("forward", "steps"):
-        reference_model = make_model(args, torch.float32, device)
-        reference_model.use_flex_attention = False
+        reference_model = make_model(args, torch.float32, device, attention="sdpa")
         inputs = make_inputs(args, reference_model, device)
         reference = run(reference_model, inputs, case)
         single = run(make_model(args, dtype, device), inputs, case)

@@ -1,9 +1,10 @@
 """The noise schedule of a model family's denoiser, and the config fields it fills.
 
 Every denoiser in megadistill predicts the flow at timesteps t in [0, num_train_timesteps]
-(diffusion/flow_match.py); ``shift`` is the timestep shift its training and sampling use (Wan 5, the
-demo and toy teachers 1). A family gives one per run (``ModelFamily.noise_schedule``). Method and
-rollout config classes name the fields it fills in ``SCHEDULE_FIELDS`` (field -> schedule attribute):
+(diffusion/flow_match.py); ``shift`` is the timestep shift its training and sampling use (5 for the
+upstream 480p video DiTs, 1 for the demo and toy teachers). A family gives one per run
+(``ModelFamily.noise_schedule``). Method and rollout config classes name the fields it fills in
+``SCHEDULE_FIELDS`` (field -> schedule attribute):
 a loaded experiment takes the family's values as the defaults of those fields (``schedule_defaults``);
 an explicit shift is the user's choice, an explicit ``num_train_timesteps`` other than the denoiser's
 is an error (``check_schedule``). A config built in Python without a family has the generic schedule

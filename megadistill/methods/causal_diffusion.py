@@ -71,7 +71,7 @@ class CausalDiffusionConfig:
     ``min_timestep`` / ``max_timestep``: the drawn grid timesteps lie in this range (shifted timesteps,
     in [0, num_train_timesteps]); ``weighting``: ``upstream`` = the schedule's training weight per
     frame, ``none`` = plain MSE. ``shift``, ``max_timestep`` and ``num_train_timesteps`` default to the
-    model family's noise schedule (Wan: shift 5 as upstream)."""
+    model family's noise schedule."""
 
     SCHEDULE_FIELDS: ClassVar[Dict[str, str]] = {
         "shift": "shift", "max_timestep": "num_train_timesteps", "num_train_timesteps": "num_train_timesteps"}

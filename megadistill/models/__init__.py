@@ -1,1 +1,1 @@
-"""Model definitions: Wan DiT, toy networks, discriminator heads."""
+"""Model families (one folder each, registry.py) and the discriminator heads they share."""

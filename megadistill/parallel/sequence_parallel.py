@@ -52,9 +52,9 @@ def shard_positions(seq_len: int, sp: int, rank: int, device=None) -> torch.Tens
 
 @dataclass(frozen=True)
 class UlyssesMask:
-    """What the layout hands each self-attention core in place of the mask: the single-process mask
-    of the full sequence (None, a dense mask or a flex BlockMask) and the true token count L, which
-    the core needs to drop the padding after the exchange."""
+    """What the layout hands each self-attention core in place of the mask: the single-process
+    attention metadata of the full sequence (None, Dense or BlockCausal) and the true token count L,
+    which the core needs to drop the padding after the exchange."""
 
     mask: Any
     seq_len: int

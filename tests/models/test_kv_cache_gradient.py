@@ -9,7 +9,7 @@ overwritten keys.
 import pytest
 import torch
 
-from megadistill.models.wan.attention import attention
+from megadistill.ops.attention import attention
 from megadistill.models.wan.kv_cache import KVCache
 
 B, N, H, D = 1, 3, 2, 4  # tokens per block

@@ -1,32 +1,12 @@
-"""Block-causal Wan: mask against a brute-force definition, KV-cache rollout against the parallel forward."""
+"""Block-causal Wan: the KV-cache rollout against the parallel forward, the flex back-end against sdpa."""
 import warnings
 
 import pytest
 import torch
 
-from megadistill.models.wan import (
-    CrossAttnCache, KVCache, attention, attention_mask, block_causal_mask, build_wan, new_kv_cache,
-)
-from megadistill.models.wan.causal import block_causal_mask_mod
+from megadistill.models.wan import CrossAttnCache, KVCache, build_wan, new_kv_cache
 
 FSL = 4  # tokens per latent frame: latents 4 x 4 -> 2 x 2 patches
-
-
-def brute_force_mask(num_frames, frame_seq_len, nfpb, local=None, sink=0):
-    """The rule written out token by token: own and earlier blocks; window of the last `local` frames
-    before the end of the query's block; the first `sink` frames always."""
-    n = num_frames * frame_seq_len
-    mask = torch.zeros(n, n, dtype=torch.bool)
-    for q in range(n):
-        q_block = (q // frame_seq_len) // nfpb
-        end_frame = min((q_block + 1) * nfpb, num_frames)
-        for k in range(n):
-            k_frame = k // frame_seq_len
-            visible = (k_frame // nfpb) <= q_block
-            if local is not None:
-                visible = visible and (k_frame >= end_frame - local or k_frame < sink)
-            mask[q, k] = visible
-    return mask
 
 
 def _model(preset="tiny-t2v", seed=0, **overrides):
@@ -68,24 +48,9 @@ def _rollout(model, x, context, ts, blocks, caches=None, y=None, **step_kwargs):
 
 
 # ------------------------------------------------------------------------------------------- the mask
+# The mask itself against a brute-force rule: tests/ops/test_attention.py.
 
-@pytest.mark.parametrize("frames,nfpb,local,sink", [
-    (6, 2, None, 0), (7, 3, None, 0), (5, 1, None, 0), (6, 6, None, 0),
-    (7, 2, 3, 0), (7, 2, 3, 1), (9, 3, 4, 2), (8, 1, 2, 3),
-])
-def test_block_causal_mask_matches_brute_force(frames, nfpb, local, sink):
-    expected = brute_force_mask(frames, 3, nfpb, local, sink)
-    assert torch.equal(block_causal_mask(frames, 3, nfpb, local, sink), expected)
-    assert torch.equal(attention_mask(frames, 3, nfpb, local, sink, use_flex=False), expected)
-
-
-def test_cached_mask_is_rebuilt_when_the_frame_count_changes():
-    small = attention_mask(3, FSL, 2, use_flex=False)
-    large = attention_mask(6, FSL, 2, use_flex=False)
-    assert small.shape == (12, 12) and large.shape == (24, 24)
-    assert torch.equal(large, brute_force_mask(6, FSL, 2))
-    assert attention_mask(3, FSL, 2, use_flex=False) is small  # same key: served from the cache
-    # through the model: a 3-frame call first must not leave a 3-frame mask behind for 6 frames
+def test_a_shorter_call_leaves_no_mask_behind_for_a_longer_one():
     model = _model(num_frame_per_block=2)
     x, context = _inputs(model, f=6)
     blocks = _blocks(6, 2)
@@ -97,42 +62,19 @@ def test_cached_mask_is_rebuilt_when_the_frame_count_changes():
     torch.testing.assert_close(incremental, parallel, rtol=1e-5, atol=1e-5)
 
 
-def test_flex_mask_mod_and_block_mask_match_the_dense_mask():
-    flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    frames, nfpb, local, sink = 7, 2, 3, 1
-    dense = block_causal_mask(frames, 3, nfpb, local, sink)
-    mod = block_causal_mask_mod(frames, 3, nfpb, local, sink)
-    assert torch.equal(flex.create_mask(mod, None, None, 21, 21, device="cpu")[0, 0], dense)
-    # the BlockMask path of attention() (eager flex on CPU, forward only) against SDPA with the dense mask
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 21, 2, 16, generator=g) for _ in range(3))
-    block_mask = attention_mask(frames, 3, nfpb, local, sink, use_flex=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
-        out = attention(q, k, v, block_mask)
-    torch.testing.assert_close(out, attention(q, k, v, dense), rtol=1e-5, atol=1e-5)
-    # and wired through the model (the CUDA default), against the dense-mask forward
-    model = _model(num_frame_per_block=nfpb, local_attn_size=local, sink_size=sink)
-    x, context = _inputs(model, f=frames)
+def test_the_flex_backend_gives_the_dense_mask_forward():
+    """The model built with attention: flex (eager flex_attention on CPU, forward only; the CUDA
+    default in half precision) against the same weights built with sdpa and the dense mask."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    dense = _model(num_frame_per_block=2, local_attn_size=3, sink_size=1, attention="sdpa")
+    flex = build_wan(dense.config.replace(attention="flex"))
+    flex.load_state_dict(dense.state_dict())
+    x, context = _inputs(dense, f=7)
     t = torch.tensor([300.0, 800.0])
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dense_out = model(x, t, context)
-        model.use_flex_attention = True
-        flex_out = model(x, t, context)
-    torch.testing.assert_close(flex_out, dense_out, rtol=1e-5, atol=1e-5)
-
-
-def test_flex_is_the_default_only_for_half_precision_on_cuda():
-    """No GPU needed: the choice reads only the device type and the attention dtype. Float32 flex
-    autotuning did not finish in 5 minutes on an H100 (tools/bench_wan_step.py), so float32 keeps SDPA."""
-    from megadistill.models.wan.causal import flex_available
-
-    cuda = torch.device("cuda")
-    assert flex_available(cuda, torch.bfloat16) and flex_available(cuda, torch.float16) and flex_available(cuda)
-    assert not flex_available(cuda, torch.float32)
-    assert not flex_available(torch.device("cpu"), torch.bfloat16)
-    assert attention_mask(4, 3, 2, device="cpu", dtype=torch.bfloat16).dtype == torch.bool  # CPU: dense
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        torch.testing.assert_close(flex(x, t, context), dense(x, t, context), rtol=1e-5, atol=1e-5)
+    assert flex.blocks[0].self_attn.core.backend is not dense.blocks[0].self_attn.core.backend
 
 
 # ------------------------------------------------------------------------------------------- rollout = parallel

@@ -6,7 +6,8 @@ import torch
 
 from megadistill.models.wan import build_wan
 from megadistill.models.wan.embeddings import sinusoidal_embedding
-from megadistill.models.wan.rope import apply_rope, rope_axis_dims, rope_grid
+from megadistill.models.wan.rope import rope_axis_dims, rope_grid
+from megadistill.ops.rope import apply_rope
 
 
 def _inputs(config, b=2, f=2, h=4, w=4, seed=0):

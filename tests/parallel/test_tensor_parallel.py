@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from megadistill.models.wan import build_wan
-from megadistill.models.wan.norms import WanRMSNorm, rms_normalize
+from megadistill.models.wan.norms import WanRMSNorm
 from megadistill.models.wan.parallelize import apply_tensor_parallel
+from megadistill.ops.rms_norm import rms_normalize
 from megadistill.parallel.tensor_parallel import TPRMSNorm, shard, tp_rms_normalize, unshard
 
 HERE = Path(__file__).resolve().parent

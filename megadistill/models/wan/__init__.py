@@ -37,8 +37,9 @@ Block-causal mode (Self-Forcing / CausVid), a mode of the same WanModel and the 
 A token attends to its own and earlier blocks; with local_attn_size L only the last L frames up to
 the end of its block, plus the first S (sink) frames. With a window the cache holds S + L frames and
 evicts the oldest non-sink frames (upstream Self-Forcing's rollout cache of local_attn_size frames
-holds the sink inside it: upstream (L, S) = ours (L - S, S)). Masks (``block_causal_mask``: dense
-bool for SDPA; a flex_attention BlockMask on CUDA) are cached per geometry (``attention_mask``).
+holds the sink inside it: upstream (L, S) = ours (L - S, S)). The structure is the attention
+metadata ``ops.block_causal.BlockCausal`` (a dense bool mask for SDPA, a flex_attention BlockMask
+for ``attention: flex`` / ``auto`` on CUDA), its masks cached per geometry.
 Cached keys carry no gradient, the current block's do (``new_kv_cache(..., grad_history=True)``:
 upstream's in-place cache gradient instead, see kv_cache.py).
 
@@ -52,8 +53,6 @@ VAE and text encoder (thin wrappers over diffusers ``AutoencoderKLWan`` and tran
     ctx = te.encode(["a red ball rolls left"])   # [B, 512, 4096], zero beyond each prompt's tokens
     neg = te.negative_embedding(batch_size=1)    # Wan's negative prompt, encoded once and cached
 """
-from megadistill.models.wan.attention import attention
-from megadistill.models.wan.causal import attention_mask, block_causal_mask
 from megadistill.models.wan.checkpoint import (
     CheckpointMismatchError,
     LoadResult,
@@ -85,10 +84,10 @@ from megadistill.models.wan.vae import (
 )
 
 __all__ = [
-    "attention", "CheckpointMismatchError", "LoadResult", "convert_state_dict", "detect_key_format",
+    "CheckpointMismatchError", "LoadResult", "convert_state_dict", "detect_key_format",
     "load_wan_checkpoint", "save_wan_checkpoint", "wan_state_dict", "PRESETS", "WanConfig",
     "from_diffusers_config", "to_diffusers_config", "wan_config", "WanModel", "WanMoE", "build_wan", "cast_model",
-    "attention_mask", "block_causal_mask", "CrossAttnCache", "KVCache", "new_kv_cache",
+    "CrossAttnCache", "KVCache", "new_kv_cache",
     "WAN_NEGATIVE_PROMPT", "WanTextEncoder", "WanTextEncoderConfig", "tiny_umt5_config", "umt5_xxl_config",
     "WAN21_LATENTS_MEAN", "WAN21_LATENTS_STD", "WAN22_LATENTS_MEAN", "WAN22_LATENTS_STD", "WanVAE",
     "WanVAEConfig", "tiny_vae_config", "vae_config_from_diffusers",

@@ -15,32 +15,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from megadistill.models.wan.attention import SelfAttentionCore, attention
+from megadistill.models.wan.attention import SelfAttentionCore
 from megadistill.models.wan.embeddings import FP32Linear
 from megadistill.models.wan.kv_cache import KVCacheStep
 from megadistill.models.wan.norms import WanLayerNorm, WanRMSNorm
-from megadistill.models.wan.rope import apply_rope
+from megadistill.ops.attention import Backend, attention, resolve_backend
+from megadistill.ops.modulate import gated_residual, modulate
+from megadistill.ops.rope import apply_rope
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, L, H*D] -> [B, L, H, D]."""
     return x.unflatten(-1, (num_heads, -1))
-
-
-# Modulation rows: shift/scale/gate are [B, R, dim] with R dividing L, each row covering L / R
-# consecutive tokens: R = 1 (one timestep per sample), R = F (per latent frame, block-causal training;
-# no [B, L, 6, dim] tensor per block) or R = L (per token, Wan2.2 TI2V). Same arithmetic in each case.
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (1 + scale) + shift for x [B, L, dim] and shift, scale [B, R, dim]."""
-    rows = shift.shape[1]
-    return (x.unflatten(1, (rows, -1)) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)).flatten(1, 2)
-
-
-def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """x + y * gate for x, y [B, L, dim] and gate [B, R, dim]."""
-    rows = gate.shape[1]
-    return (x.unflatten(1, (rows, -1)) + y.unflatten(1, (rows, -1)) * gate.unsqueeze(2)).flatten(1, 2)
 
 
 class WanSelfAttention(nn.Module):
@@ -52,7 +38,7 @@ class WanSelfAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6,
-                 fused_qkv: bool = False):
+                 fused_qkv: bool = False, backend: Optional[Backend] = None):
         super().__init__()
         self.dim, self.num_heads, self.fused_qkv = dim, num_heads, fused_qkv
         if fused_qkv:
@@ -64,7 +50,7 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.core = SelfAttentionCore()
+        self.core = SelfAttentionCore(backend or resolve_backend("auto"))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, L, H, D]; q and k normalised over all heads, before RoPE."""
@@ -96,9 +82,10 @@ class WanCrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6,
-                 image_branch: bool = False):
+                 image_branch: bool = False, backend: Optional[Backend] = None):
         super().__init__()
         self.dim, self.num_heads, self.image_branch = dim, num_heads, image_branch
+        self.backend = backend or resolve_backend("auto")
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -128,9 +115,9 @@ class WanCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, context_kv: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x = x.to(self.o.weight.dtype)
         q = _heads(self.norm_q(self.q(x)), self.num_heads)
-        out = attention(q, context_kv[0], context_kv[1])
+        out = attention(q, context_kv[0], context_kv[1], backend=self.backend)
         if self.image_branch:
-            out = out + attention(q, context_kv[2], context_kv[3])
+            out = out + attention(q, context_kv[2], context_kv[3], backend=self.backend)
         return self.o(out.flatten(2).to(self.o.weight.dtype))
 
 
@@ -140,12 +127,12 @@ class WanBlock(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, qk_norm: bool = True,
                  cross_attn_norm: bool = True, eps: float = 1e-6, image_branch: bool = False,
-                 fused_qkv: bool = False):
+                 fused_qkv: bool = False, backend: Optional[Backend] = None):
         super().__init__()
         self.norm1 = WanLayerNorm(dim, eps)
-        self.self_attn = WanSelfAttention(dim, num_heads, qk_norm, eps, fused_qkv)
+        self.self_attn = WanSelfAttention(dim, num_heads, qk_norm, eps, fused_qkv, backend)
         self.norm3 = WanLayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
-        self.cross_attn = WanCrossAttention(dim, num_heads, qk_norm, eps, image_branch)
+        self.cross_attn = WanCrossAttention(dim, num_heads, qk_norm, eps, image_branch, backend)
         self.norm2 = WanLayerNorm(dim, eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)

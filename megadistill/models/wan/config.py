@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from megadistill.ops.attention import BACKENDS
+
 MODEL_TYPES = ("t2v", "i2v", "ti2v")
 
 
@@ -25,6 +27,10 @@ class WanConfig:
     Self-Forcing's rollout cache of ``local_attn_size`` frames holds the sink frames inside it:
     upstream (L, S) is ours (L - S, S). These fields change attention only, never the parameters:
     one checkpoint loads into either mode.
+
+    ``attention``: the attention back-end by name (``ops.attention.BACKENDS``; a run's
+    ``model.kernels.attention``), resolved when the model is built. Like ``fused_qkv`` and
+    ``grad_checkpointing`` it changes how the network computes, never its parameters.
     """
 
     model_type: str = "t2v"
@@ -45,6 +51,7 @@ class WanConfig:
     rope_theta: float = 10000.0
     fused_qkv: bool = False
     grad_checkpointing: bool = False
+    attention: str = "auto"
     expert_boundary: Optional[float] = None
     num_train_timesteps: int = 1000
     num_frame_per_block: Optional[int] = None
@@ -72,6 +79,8 @@ class WanConfig:
             raise ValueError(f"freq_dim must be even (cos and sin halves), got {self.freq_dim}")
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.attention not in BACKENDS:
+            raise ValueError(f"attention: unknown back-end {self.attention!r}; known: {sorted(BACKENDS)}")
         if self.image_dim is not None:
             if self.model_type != "i2v":
                 raise ValueError(f"image_dim (CLIP branch) needs model_type 'i2v', got {self.model_type!r}")

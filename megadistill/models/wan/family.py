@@ -129,12 +129,11 @@ class WanFamily(ModelFamily):
     def build_networks(self, cfg, needs: MethodNeeds, data, mesh, partition) -> Networks:
         from .networks import derive_model, generator_mode, load_teacher
 
-        model = cfg.model
-        teacher, settings = load_teacher(model.teacher, mesh, partition=partition)
-        generator = derive_model(model.generator, model.teacher, teacher, mesh, partition,
-                                 **generator_mode(cfg.rollout))
-        critic = derive_model(model.critic, model.teacher, teacher, mesh, partition) if needs.critic else None
-        target = derive_model(model.generator, model.teacher, teacher, mesh, partition,
+        teacher_cfg, generator_cfg, critic_cfg = (cfg.model.with_kernels(getattr(cfg.model, r)) for r in ROLES)
+        teacher, settings = load_teacher(teacher_cfg, mesh, partition=partition)
+        generator = derive_model(generator_cfg, teacher_cfg, teacher, mesh, partition, **generator_mode(cfg.rollout))
+        critic = derive_model(critic_cfg, teacher_cfg, teacher, mesh, partition) if needs.critic else None
+        target = derive_model(generator_cfg, teacher_cfg, teacher, mesh, partition,
                               **generator_mode(cfg.rollout)) if needs.target else None
         return Networks(teacher, generator, critic, teacher_settings=settings, target=target)
 

@@ -6,8 +6,8 @@ Forward (upstream ``WanModel.forward`` with batched tensors instead of lists):
   context [B, <=text_len, text_dim] zero-padded to text_len -> text MLP; clip_fea -> img_emb (I2V 2.1)
   blocks (3D RoPE, full-width q/k RMSNorm) -> head (adaLN from e) -> unpatchify -> float32 [B, out, F, H, W]
 
-Block-causal mode (config.num_frame_per_block) is the same module: ``forward`` adds the block-causal
-mask (``causal.py``), and ``forward_causal_step`` runs one block of frames against per-layer KV caches
+Block-causal mode (config.num_frame_per_block) is the same module: ``forward`` attends under the
+block-causal metadata (``ops.block_causal.BlockCausal``), and ``forward_causal_step`` runs one block of frames against per-layer KV caches
 (``kv_cache.py``), the Self-Forcing rollout.
 
 Both forwards pass the tokens through ``token_layout`` (``TokenLayout``: the identity) after the
@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from megadistill.models.wan.blocks import WanBlock, WanHead
-from megadistill.models.wan.causal import attention_mask
 from megadistill.models.wan.config import WanConfig, wan_config
 from megadistill.models.wan.embeddings import FP32Linear, ImageProjection, run_fp32, sinusoidal_embedding, unpatchify
 from megadistill.models.wan.kv_cache import CrossAttnCache, KVCache
 from megadistill.models.wan.rope import rope_grid
+from megadistill.ops.attention import resolve_backend
+from megadistill.ops.block_causal import BlockCausal
 
 # Parameters computed in float32 anyway; keeping their storage float32 loses nothing in a bf16 model.
 FP32_PARAM_PATTERNS = ("time_embedding.", "time_projection.", "modulation", "head.", "norm")
@@ -61,17 +62,16 @@ class WanModel(nn.Module):
         self.config = config
         c = config
         self.grad_checkpointing = c.grad_checkpointing
-        # Block-causal mask form: None = flex_attention BlockMask on CUDA, dense SDPA mask elsewhere.
-        self.use_flex_attention: Optional[bool] = None
         self.token_layout = TokenLayout()
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.text_embedding = nn.Sequential(
             nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"), nn.Linear(c.dim, c.dim))
         self.time_embedding = nn.Sequential(FP32Linear(c.freq_dim, c.dim), nn.SiLU(), FP32Linear(c.dim, c.dim))
         self.time_projection = nn.Sequential(nn.SiLU(), FP32Linear(c.dim, 6 * c.dim))
+        backend = resolve_backend(c.attention)  # one back-end for every attention call of this model
         self.blocks = nn.ModuleList([
             WanBlock(c.dim, c.ffn_dim, c.num_heads, c.qk_norm, c.cross_attn_norm, c.eps,
-                     image_branch=c.image_dim is not None, fused_qkv=c.fused_qkv)
+                     image_branch=c.image_dim is not None, fused_qkv=c.fused_qkv, backend=backend)
             for _ in range(c.num_layers)
         ])
         self.head = WanHead(c.dim, c.out_dim, c.patch_size, c.eps)
@@ -143,9 +143,7 @@ class WanModel(nn.Module):
         freqs = rope_grid(grid, c.head_dim, c.rope_theta, device=tokens.device)
         mask = None
         if c.is_causal:
-            mask = attention_mask(grid[0], grid[1] * grid[2], c.num_frame_per_block, c.local_attn_size,
-                                  c.sink_size, device=tokens.device, use_flex=self.use_flex_attention,
-                                  dtype=self.blocks[0].self_attn.o.weight.dtype)  # the projections' dtype
+            mask = BlockCausal(grid[0], grid[1] * grid[2], c.num_frame_per_block, c.local_attn_size, c.sink_size)
         tokens, e0, freqs, mask = self.token_layout.scatter(tokens, e0, freqs, mask)
 
         for block in self.blocks:

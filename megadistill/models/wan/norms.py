@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from megadistill.ops.rms_norm import rms_norm
+
 
 class WanLayerNorm(nn.LayerNorm):
     """LayerNorm over the last dim computed in float32 (upstream ``WanLayerNorm``).
@@ -23,16 +25,11 @@ class WanLayerNorm(nn.LayerNorm):
             return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
-def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last dim (no weight)."""
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-
-
 class WanRMSNorm(nn.Module):
     """RMSNorm over the FULL projection width (all heads at once), as upstream ``WanRMSNorm``.
 
-    Upstream order is kept: normalise in float32, cast back to the input dtype, then scale by the
-    weight (so a float32 weight promotes a bf16 input to float32, exactly as upstream).
+    Upstream order is kept (``ops.rms_norm``): normalise in float32, cast back to the input dtype,
+    then scale by the weight (so a float32 weight promotes a bf16 input to float32, as upstream).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -41,5 +38,4 @@ class WanRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return rms_normalize(x.float(), self.eps).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)

@@ -4,8 +4,11 @@ teacher's video distance). Only this family's code reads them (models/wan/family
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
+
+from megadistill.ops.kernels import KernelsConfig
 
 DEMO = "demo"
 # Timestep shift of the Wan presets' schedule: Self-Forcing trains Wan2.1 T2V with timestep_shift 5
@@ -37,7 +40,9 @@ class WanModelsConfig:
     """``model`` with ``family: wan``. ``discriminator_layers``: the critic blocks a discriminator
     critic (GAN, APT) reads with its register heads (upstream Self-Forcing: 13, 21, 29 of the
     30-block 1.3B). ``shift``: the run's noise-schedule shift, the default of every method and rollout
-    shift (None: the teacher's, ``SHIFT`` for a Wan preset, the recorded one for the demo teacher)."""
+    shift (None: the teacher's, ``SHIFT`` for a Wan preset, the recorded one for the demo teacher).
+    ``kernels``: the op back-ends every network is built with (ops/kernels.py; a role's own
+    ``overrides.attention`` wins for that role)."""
 
     family: str = "wan"
     teacher: WanRoleConfig = field(default_factory=lambda: WanRoleConfig(preset=DEMO))
@@ -45,6 +50,13 @@ class WanModelsConfig:
     critic: WanRoleConfig = field(default_factory=WanRoleConfig)
     discriminator_layers: List[int] = field(default_factory=lambda: [13, 21, 29])
     shift: Optional[float] = None
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    def with_kernels(self, role: WanRoleConfig) -> WanRoleConfig:
+        """``role`` with the run's kernel choices as WanConfig overrides (the role's own win); a choice
+        that is the built default adds nothing, so no network is rebuilt for it."""
+        kernels = {"attention": self.kernels.attention} if self.kernels.attention != "auto" else {}
+        return dataclasses.replace(role, overrides={**kernels, **role.overrides}) if kernels else role
 
     def __post_init__(self):
         if self.shift is not None and not self.shift > 0:

@@ -12,14 +12,16 @@ This is exactly what a KV cache of ``sink_size + local_attn_size`` frames with l
 shows a block generated one at a time (``kv_cache.py``), which is what makes the parallel training
 forward and the incremental rollout the same function.
 
-Masks are built per call from all of (frames, frame_seq_len, block, window, sink) and cached on
-exactly that key: upstream builds its mask once and keeps it when the frame count changes.
-Two forms: a dense boolean [L, L] mask for torch SDPA (the reference, CPU included), and on CUDA a
-flex_attention ``BlockMask`` that skips fully masked tiles (a dense mask is 1 GB at 480p x 81 frames).
+``BlockCausal`` is the attention metadata of that structure (ops/attention.py). Its masks are built
+from all of (frames, frame_seq_len, block, window, sink) and cached on exactly that key: upstream
+builds its mask once and keeps it when the frame count changes. Two forms: a dense boolean [L, L]
+mask for torch SDPA (the reference, CPU included), and a flex_attention ``BlockMask`` that skips fully
+masked tiles (a dense mask is 1 GB at 480p x 81 frames).
 """
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -98,37 +100,37 @@ def block_causal_mask_mod(num_frames: int, frame_seq_len: int, num_frame_per_blo
     return mask_mod
 
 
-def flex_available(device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
-    """flex_attention is used on CUDA only (no backward on CPU, where SDPA is the reference), in half
-    precision only: inductor's float32 autotuning of it (head_dim 128, H100) failed most configs and
-    had not finished after 5 minutes, while SDPA with the mask runs float32 at once."""
-    if device.type != "cuda" or dtype not in (None, torch.bfloat16, torch.float16):
-        return False
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+@dataclass(frozen=True)
+class BlockCausal:
+    """Attention metadata: ``num_frames`` frames of ``frame_seq_len`` tokens in blocks of
+    ``num_frame_per_block``, a query seeing its own and earlier blocks (within ``local_attn_size``
+    frames plus ``sink_size`` sink frames when windowed)."""
 
+    num_frames: int
+    frame_seq_len: int
+    num_frame_per_block: int
+    local_attn_size: Optional[int] = None
+    sink_size: int = 0
 
-def attention_mask(num_frames: int, frame_seq_len: int, num_frame_per_block: int,
-                   local_attn_size: Optional[int] = None, sink_size: int = 0,
-                   device: Union[str, torch.device, None] = None, use_flex: Optional[bool] = None,
-                   dtype: Optional[torch.dtype] = None):
-    """The mask ``attention()`` takes for one geometry, from a small LRU cache keyed by every argument.
+    def __post_init__(self):
+        _check(self.num_frames, self.frame_seq_len, self.num_frame_per_block, self.local_attn_size, self.sink_size)
 
-    ``use_flex``: None picks a flex_attention BlockMask where available (CUDA, attention in ``dtype``
-    half precision), else a dense bool tensor. The cached tensor is shared between calls: treat it as
-    read-only.
-    """
-    device = torch.device(device if device is not None else "cpu")
-    if use_flex is None:
-        use_flex = flex_available(device, dtype)
-    cached = _cached_flex if use_flex else _cached_dense
-    return cached(num_frames, frame_seq_len, num_frame_per_block, local_attn_size, sink_size, device)
+    @property
+    def seq_len(self) -> int:
+        return self.num_frames * self.frame_seq_len
+
+    def _key(self):
+        return self.num_frames, self.frame_seq_len, self.num_frame_per_block, self.local_attn_size, self.sink_size
+
+    def dense_mask(self, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        """The boolean [L, L] mask (cached; treat it as read-only)."""
+        return _cached_dense(*self._key(), torch.device(device if device is not None else "cpu"))
+
+    def block_mask(self, device: Union[str, torch.device, None] = None):
+        """The flex_attention BlockMask (cached)."""
+        return _cached_flex(*self._key(), torch.device(device if device is not None else "cpu"))
 
 
 def clear_mask_cache():
     _cached_dense.cache_clear()
     _cached_flex.cache_clear()
-
