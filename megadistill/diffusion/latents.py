@@ -5,8 +5,8 @@ for per-sample values laid out against x (a timestep, a noise level), for per-sa
 per-frame means. Two layouts:
 
 ``DenseLatents``
-    Every sample has the same shape: x is ``[B, *sample_shape]`` (the toy lab's ``[B, 2]``, Wan's
-    ``[B, C, F, H, W]`` with ``frame_dim = 2``). Per-sample values stay ``[B]`` (broadcast over the
+    Every sample has the same shape: x is ``[B, *sample_shape]`` (the toy lab's ``[B, 2]``, a video
+    family's ``[B, C, F, H, W]`` with ``frame_dim = 2``). Per-sample values stay ``[B]`` (broadcast over the
     trailing dims), so a dense batch behaves exactly as plain tensors did.
 ``PackedLatents``
     Samples of different sizes concatenated along one token axis, as variable-length attention
@@ -68,7 +68,7 @@ def _no_frame_axis(latents: Latents) -> ValueError:
 
 @dataclass(frozen=True)
 class DenseLatents(Latents):
-    """``[batch_size, *sample_shape]``; ``frame_dim`` is the frame axis of the full tensor (Wan: 2)."""
+    """``[batch_size, *sample_shape]``; ``frame_dim`` is the frame axis of the full tensor (video: 2)."""
 
     batch_size: int
     sample_shape: Tuple[int, ...]

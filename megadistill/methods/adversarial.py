@@ -157,7 +157,7 @@ def frozen(module: nn.Module) -> Iterator[nn.Module]:
 
 def cat_batch(a: Any, b: Any) -> Any:
     """Concatenate two conditions along the batch dim: tensors, (nested) dicts of tensors, dataclasses
-    of them (e.g. ``WanCondition``, field by field), or None.
+    of them (a family's condition, field by field), or None.
 
     Lists are refused: a list may be per-sample (concatenate) or per-field (zip), and guessing wrong
     would silently mis-pair conditions.

@@ -1,6 +1,6 @@
 """The one model-agnostic interface every distillation method is written against.
 
-Pieces (all small on purpose; the toy MLP and Wan plug into the same ones):
+Pieces (all small on purpose; every model family plugs into the same ones):
 
 ``Denoiser``
     Wraps a flow-prediction network ``net(x_t, t, cond) -> v`` (v = eps - x0, t in [0, T]).
@@ -8,7 +8,7 @@ Pieces (all small on purpose; the toy MLP and Wan plug into the same ones):
     float64 and returns the input dtype, ``x0_guided`` applies CFG in either the standard form
     (u + s (c - u)) or the upstream form (c + g (c - u)). sigma is t / T unless the caller passes
     the noise level of x_t (``sigma=``, e.g. a grid-snapped one). ``cond`` is opaque to everything
-    here: a class-id tensor for the toy MLP, a dict of text embeddings for Wan.
+    here: a class-id tensor for the toy MLP, a dict of text embeddings for a text-to-video family.
 
 ``DistillBatch``
     What one optimisation step sees: ``cond`` / ``uncond`` conditions, the per-sample shape of a
@@ -21,7 +21,7 @@ Pieces (all small on purpose; the toy MLP and Wan plug into the same ones):
     (``last_step_only`` forces the final one), run the steps before it under no_grad with x0
     prediction and fresh re-noising, and run only the exit step with gradient. It reports
     ``denoised_timestep_from/to`` exactly as upstream (nominal, un-shifted timesteps of the exit
-    step and the next step, used by ts_schedule / ts_schedule_max). A Wan KV-cache rollout
+    step and the next step, used by ts_schedule / ts_schedule_max). The block-causal KV-cache rollout
     implements the same ``__call__`` and adds per-block semantics (same_step_across_blocks,
     gradient_mask for the re-encoded first block).
 

@@ -5,7 +5,7 @@ The ODE-init stage of CausVid / Self-Forcing without a teacher's trajectories (u
 so that it can later be rolled out block by block with a KV cache. Real-data training: no teacher and
 no critic are used.
 
-Samples are Wan latents [B, C, F, H, W] (frames on dim 2); F splits into blocks of
+Samples are video latents [B, C, F, H, W] (frame axis from the latents); F splits into blocks of
 ``num_frame_per_block`` frames. Timesteps are drawn uniformly over the shifted ``FlowMatchSchedule``
 grid (upstream ``scheduler.timesteps[randint(0, 1000)]``), restricted to
 [min_timestep, max_timestep]. Frame f is noised at its per-frame timestep t[b, f] with the grid sigma,
@@ -217,7 +217,8 @@ def _rng_device(rng: Optional[torch.Generator]) -> Optional[torch.device]:
 
 
 def _check_causal(generator: Denoiser, cfg: CausalDiffusionConfig) -> None:
-    """A Wan generator must run block-causally with the configured block (other networks: unchecked)."""
+    """A generator whose network config has ``num_frame_per_block`` must run block-causally with the
+    configured block (other networks: unchecked)."""
     config = getattr(getattr(generator, "net", None), "config", None)
     if config is None or not hasattr(config, "num_frame_per_block"):
         return

@@ -8,7 +8,7 @@ grid that contains every step of the list and records the state at each step and
 Loss: per sample an index k ~ U{0..K-1}; x0_pred = G(traj[k], step_list[k]); MSE(x0_pred, clean)
 over samples with step_list[k] != 0. Stored steps are checked against the configured list.
 
-Block-causal students (``num_frame_per_block`` set; Wan samples [B, C, F, H, W], frames on dim 2):
+Block-causal students (``num_frame_per_block`` set; video samples [B, C, F, H, W], frame axis from the latents):
 the causal ODE-init stage of CausVid / Self-Forcing. Each block of frames of each sample draws its
 own index, so the input mixes trajectory states frame block by frame block, the generator sees
 per-frame timesteps t [B, F] in one parallel block-causal forward, and the MSE is averaged over the

@@ -11,7 +11,7 @@ Timesteps (upstream ``_get_timestep`` + shift + clamp):
 Real score: teacher x0 with CFG, ``guidance_form`` "upstream" (x_c + g (x_c - x_u); Self-Forcing's
 guidance_scale 3.0 is standard CFG 4.0) or "standard" (x_u + s (x_c - x_u)).
 Critic loss: ``flow``: mean((v_fake - (eps - x))^2) in float64; ``x0``: mean((x0_fake - x)^2)
-(Wan2.2-TI2V fork).
+(the TI2V-5B fork of Self-Forcing).
 
 Score sigma (``score_sigma``): the sigma with which the teacher's and the critic's flow predictions
 become x0. ``exact``: the noise level x_t was made with (the grid sigma when snapping). ``upstream``:
