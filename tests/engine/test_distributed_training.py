@@ -6,7 +6,6 @@ resumes (c) from its checkpoint. The resumed trajectory must equal the uninterru
 every logged value of every step, the final generator, critic and EMA. The EMA, kept as per-rank
 shards, must equal a float64 EMA computed from the gathered full weights after every step.
 """
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,9 +14,9 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE / "ranks.py")
-ranks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks)
+from tests.helpers import ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
 
 pytest.importorskip("deepspeed")
 

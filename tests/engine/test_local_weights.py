@@ -1,6 +1,5 @@
 """engine/local_weights.py: a frozen copy updated from a trained module part by part, plain and under
 ZeRO-3 over two ranks (gloo), against the same update made on the full weights in float64."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,9 +9,9 @@ from megadistill.engine.local_weights import copy_weights_, lerp_weights_, load_
 from megadistill.models.toy.mlp import ToyFlowMLP
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE / "ranks.py")
-ranks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks)
+from tests.helpers import ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
 
 
 def _net(seed):

@@ -1,7 +1,6 @@
 """Training reports: TensorBoard scalars read back from the event files, resume purging, samples as
 MP4 / PNG, the console line, the tqdm bar, rank-0-only output, and a real (plain ``python``) Trainer
 run with a log dir and a sample_fn."""
-import importlib.util
 import io
 import json
 import logging
@@ -18,6 +17,9 @@ from megadistill.engine.train_log import TrainLogger, format_duration, format_lo
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tests.helpers import ranks
+
+pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).resolve().parent
 GLOBAL_BATCH = 12  # e.g. micro 2 x grad_accum 3 x 2 ranks
@@ -172,9 +174,6 @@ def test_progress_bar_total_initial_and_postfix(tmp_path):
 
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE / "ranks.py")
-    ranks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ranks)
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("train_log")
     ranks.launch(HERE / "train_log_worker.py", [str(out)], world_size=1, log_dir=out, timeout_s=120, plain=True)

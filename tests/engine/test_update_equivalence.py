@@ -7,16 +7,15 @@
   no stray critic gradients, same order, same clipping, under ZeRO stages 0 and 3 (and with the
   models built partitioned, inside ``model_init_context``).
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE / "ranks.py")
-ranks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks)
+from tests.helpers import ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
 
 pytest.importorskip("deepspeed")
 

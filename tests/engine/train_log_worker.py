@@ -10,7 +10,6 @@ OUT_DIR/result.json with both loss trajectories and the sample steps seen.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -24,10 +23,9 @@ sys.path.insert(0, ROOT)
 from megadistill.engine.config import EMAConfig, TrainConfig  # noqa: E402
 from megadistill.engine.trainer import Trainer  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("single_process_worker", os.path.join(ROOT, "tests", "engine",
-                                                                                      "single_process_worker.py"))
-spw = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(spw)
+from tests.helpers.scripts import load_module  # noqa: E402
+
+spw = load_module("single_process_worker", os.path.join(ROOT, "tests", "engine", "single_process_worker.py"))
 
 MICRO, STEPS, SAMPLE_EVERY, LOG_EVERY = 8, 6, 3, 2
 VIDEO_SHAPE = (2, 3, 5, 9, 7)  # N, C, F, H, W (odd H / W on purpose)

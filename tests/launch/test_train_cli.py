@@ -32,6 +32,8 @@ RESULT_LINE = re.compile(r"^final: dmd 4-step student .*SW1 to teacher-50 ([0-9.
 sys.path.insert(0, str(ROOT / "launch"))
 import train as train_cli  # noqa: E402
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

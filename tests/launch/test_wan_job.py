@@ -30,6 +30,8 @@ FINAL = re.compile(r"^final: (\w+) 4-step (\w+) student .*distance to teacher-\d
 sys.path.insert(0, str(ROOT / "launch"))
 import train as train_cli  # noqa: E402
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

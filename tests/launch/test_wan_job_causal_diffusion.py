@@ -26,6 +26,8 @@ QUICK = ["train.max_steps=3", "train.log_every=1", "train.save_every=0", "train.
 sys.path.insert(0, str(ROOT / "launch"))
 import train as train_cli  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

@@ -11,11 +11,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from megadistill.diffusion.latents import DenseLatents
 from megadistill.methods.base import Denoiser, DistillBatch, freeze
 from megadistill.models.family import Evaluator, ModelFamily, Networks
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 CENTERS = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, 1.0]])

@@ -4,7 +4,6 @@ attributes) for original / diffusers names, single / sharded / .pth files, separ
 qkv, the A14B experts, bf16; every TP shard read from the file equal to ``shard`` of the full tensor;
 mismatches raised before a single tensor is read; tp = 2 and ZeRO-3 partitioning while loading on two
 gloo ranks."""
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -17,19 +16,15 @@ from megadistill.models.wan.checkpoint import plan_wan_checkpoint, read_planned_
 from megadistill.models.wan import loading
 from megadistill.models.wan.loading import load_wan, load_wan_checkpoint_into_meta
 from megadistill.parallel.tensor_parallel import shard
+from tests.helpers.scripts import load_module
+from tests.helpers import ranks
+
+pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).resolve().parent
 
 
-def _load_by_path(name, path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-worker = _load_by_path("wan_loading_worker", HERE / "wan_loading_worker.py")
-ranks = _load_by_path("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
+worker = load_module("wan_loading_worker", HERE / "wan_loading_worker.py")
 TEXT_LEN = worker.TEXT_LEN
 
 
@@ -184,7 +179,7 @@ def test_zero3_partitions_each_block_as_it_loads(rank_results):
 def test_benchmark_checkpoint_writer_covers_the_model(tmp_path):
     """tools/bench_model_loading.py's random checkpoint (written shard by shard from the meta model)
     holds exactly the preset's tensors: load_wan takes it, and each weight is the stored one."""
-    bench = _load_by_path("bench_model_loading", HERE.parents[1] / "tools" / "bench_model_loading.py")
+    bench = load_module("bench_model_loading", HERE.parents[1] / "tools" / "bench_model_loading.py")
     index = bench.write_random_checkpoint("tiny-t2v", tmp_path, shard_bytes=50_000)
     stored = {}
     for path in sorted(tmp_path.glob("*.safetensors")):

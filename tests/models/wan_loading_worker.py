@@ -2,7 +2,7 @@
 
 ``write_checkpoints(dir)`` writes one small checkpoint per case of ``CASES`` (original and diffusers
 names, single file, sharded index, .pth, a stored fused qkv, the A14B expert folders). Launched as
-a script (2 gloo ranks, through tests/engine/ranks.py), each rank loads every case both ways, the
+a script (2 gloo ranks, through tests/helpers/ranks.py), each rank loads every case both ways, the
 current path (build_wan, load_wan_checkpoint, apply_tensor_parallel) and ``load_wan`` (meta, TP,
 this rank's slices), and records whether the two are identical; test_wan_loading.py asserts on
 ``<out>/rank<r>.pt``.

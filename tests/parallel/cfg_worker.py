@@ -1,4 +1,4 @@
-"""One rank of the CFG-parallel tests (run by tests/parallel/test_cfg_parallel.py through tests/engine/ranks.py).
+"""One rank of the CFG-parallel tests (run by tests/parallel/test_cfg_parallel.py through tests/helpers/ranks.py).
 
 Also imported by the test for ``make_denoiser``, ``make_sample``, ``loss_weights`` and the case tables,
 so the single-process reference and the ranks build the same teacher and inputs. Two launches:

@@ -1,4 +1,4 @@
-"""One rank of the mesh tests (launched by test_mesh.py through tests/engine/ranks.py, 4 ranks, gloo).
+"""One rank of the mesh tests (launched by test_mesh.py through tests/helpers/ranks.py, 4 ranks, gloo).
 
 For each layout it builds a ParallelMesh and records, for every named group, the members as seen by
 real communication (an all_gather of global ranks inside the group), next to what the mesh and its

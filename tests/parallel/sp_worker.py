@@ -1,4 +1,4 @@
-"""One rank of the Ulysses tests (run by tests/parallel/test_sequence_parallel.py through tests/engine/ranks.py).
+"""One rank of the Ulysses tests (run by tests/parallel/test_sequence_parallel.py through tests/helpers/ranks.py).
 
 Also imported by the test for ``make_case`` and ``run_case``, so the single-process reference and the
 ranks build the same models and inputs and run the same procedure. Four ranks (gloo) run every case

@@ -18,26 +18,21 @@ flow. The 2-rank launch uses a plain ``dist.new_group([0, 1])``, the 4-rank laun
   3 or 4 ranks raise ValueError; the exchange alone returns every rank's tensor in group order and the
   gradient of the sum of the ranks' losses.
 """
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.helpers import ranks
+from tests.helpers.scripts import load_module
+
 HERE = Path(__file__).resolve().parent
 REL_TOL = 1e-5
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ranks = _load("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
-worker = _load("cfg_worker", HERE / "cfg_worker.py")
+pytestmark = pytest.mark.distributed
+worker = load_module("cfg_worker", HERE / "cfg_worker.py")
 
 WORLDS = (2, 4)
 

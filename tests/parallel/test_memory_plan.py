@@ -18,7 +18,6 @@ Estimates, against measurements on CPU (tiny Wan, 4 layers, 384 tokens):
 CLI: real presets in < 5 s of CPU, exit 0; bad inputs exit 2 with the reason.
 """
 import dataclasses
-import importlib.util
 import json
 import resource
 import subprocess
@@ -43,9 +42,10 @@ from megadistill.parallel.memory_plan import (
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-_spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
-ranks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks)
+from tests.helpers import ranks  # noqa: E402
+from tests.helpers.scripts import load_module
+
+pytestmark = pytest.mark.distributed
 
 # Odd sizes so that DeepSpeed pads: ffn 37 (odd bias), dim 36 (3 heads of 12).
 TINY = {"dim": 36, "num_heads": 3, "ffn_dim": 37, "text_dim": 7, "freq_dim": 16, "text_len": 8}
@@ -323,10 +323,7 @@ def test_cli_real_presets_on_meta():
 
 
 def _cli_main():
-    spec = importlib.util.spec_from_file_location("plan_memory_cli", ROOT / "tools" / "plan_memory.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli.main
+    return load_module("plan_memory_cli", ROOT / "tools" / "plan_memory.py").main
 
 
 def test_cli_reads_experiment_and_ds_config(capsys):

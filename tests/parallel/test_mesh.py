@@ -5,7 +5,6 @@ The expected groups come from an independent enumeration: the world as an array 
 records the members each group really has (an all_gather of global ranks inside it), the mpu
 answers, a random draw seeded per rank, and what DeepSpeed ZeRO-3 does with the mesh as mpu.
 """
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,9 @@ import torch
 from megadistill.parallel.mesh import ParallelConfig, coordinates, global_rank, rank_groups
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
-ranks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks)
+from tests.helpers import ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
 
 WORLD = 4
 LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 4, 1), (4, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 2)]

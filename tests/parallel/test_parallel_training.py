@@ -25,7 +25,6 @@ cfg = 2 where it cannot pay (a method without guided teacher calls, or a guidanc
 exit with code 2 before anything is written; cfg = 2 for a guided DMD / SiD teacher and the GAN with
 sp > 1 pass the job's checks.
 """
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -35,9 +34,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-_spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
-ranks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks)
+from tests.helpers import ranks  # noqa: E402
+from tests.helpers.scripts import load_module
+
+pytestmark = pytest.mark.distributed
 
 # ZeRO-3 averages the SP ranks' gradients, stages 0-2 sum them (engines.sequence_parallel_loss_scale): both.
 RUNS = {"sp2": {"tp": 1, "sp": 2, "ema": True}, "tp2": {"tp": 2, "sp": 1, "ema": True, "checkpoint": "ckpt_tp2"},
@@ -217,10 +217,7 @@ def test_parallel_checkpoint_merges_to_the_unsharded_weights(results, merged, ru
 # ---- bad sizes through launch/train.py -----------------------------------------------------------
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module("train_cli", ROOT / "launch" / "train.py")
 
 
 @pytest.mark.parametrize("world,overrides,config,expected", [

@@ -13,7 +13,6 @@ under sp, and a bf16 model stays within bf16 rounding of the bf16 single-process
 tensor parallelism (tp = 2 x sp = 2): each TP shard's gradient summed over its SP group equals that
 shard of the single-process gradient.
 """
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,19 +21,14 @@ import torch
 
 from megadistill.parallel.sequence_parallel import shard_length, shard_positions
 from megadistill.parallel.tensor_parallel import shard
+from tests.helpers import ranks
+from tests.helpers.scripts import load_module
 
 HERE = Path(__file__).resolve().parent
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ranks = _load("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
-worker = _load("sp_worker", HERE / "sp_worker.py")
+pytestmark = pytest.mark.distributed
+worker = load_module("sp_worker", HERE / "sp_worker.py")
 
 SP_GROUPS = {4: [[0, 1, 2, 3]], 2: [[0, 1], [2, 3]]}
 TP_SP_CASES = ["t2v", "ti2v_per_token", "causal_per_frame", "causal_steps"]

@@ -7,7 +7,6 @@ output, and EVERY parameter gradient (a sharded one against the matching slice o
 gradient; replicated ones in full and identical across the TP ranks, with no extra all-reduce).
 Tolerances: the fp32 noise floor of these tiny models against float64 is ~3e-6 (gradients).
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,9 @@ from megadistill.ops.rms_norm import rms_normalize
 from megadistill.parallel.tensor_parallel import TPRMSNorm, shard, tp_rms_normalize, unshard
 
 HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("engine_test_ranks", HERE.parent / "engine" / "ranks.py")
-ranks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ranks)
+from tests.helpers import ranks  # noqa: E402
+
+pytestmark = pytest.mark.distributed
 
 OUT_TOL, GRAD_TOL = 1e-5, 2e-5
 WORLD = 4

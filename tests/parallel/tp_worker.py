@@ -1,4 +1,4 @@
-"""One rank of the tensor-parallel tests (launched by test_tensor_parallel.py through tests/engine/ranks.py).
+"""One rank of the tensor-parallel tests (launched by test_tensor_parallel.py through tests/helpers/ranks.py).
 
 Every rank builds the single-process reference model itself (same seed, same inputs), runs it, then
 splits a copy across its TP group (and, for tp x sp, its SP group) and runs the same inputs. It

@@ -1,5 +1,5 @@
 """One rank of a tiny Wan DMD (or GAN) run through the real Trainer on a parallel mesh (launched by
-test_parallel_training.py through tests/engine/ranks.py).
+test_parallel_training.py through tests/helpers/ranks.py).
 
     python tests/parallel/train_sp_worker.py SPEC.json
 

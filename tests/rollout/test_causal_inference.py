@@ -6,7 +6,6 @@ the ``noised`` refresh or as they are for ``clean``, current block state) with p
 [B, F] and keeps the current block's x0. Both draw the same re-noising eps in the same order, so they
 must agree to float32 round-off.
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,9 @@ from megadistill.rollout.causal_inference import CausalStream, causal_generate
 from megadistill.rollout.self_forcing import RolloutPlan, SelfForcingConfig, SelfForcingRollout
 from megadistill.rollout.steps import StepListConfig
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
+from tests.helpers.scripts import load_module
 
-_spec = importlib.util.spec_from_file_location("rollout_fixtures", Path(__file__).parent / "rollout_fixtures.py")
-_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fixtures)
+_fixtures = load_module("rollout_fixtures", Path(__file__).parent / "rollout_fixtures.py")
 tiny_denoiser = _fixtures.tiny_denoiser
 
 H = W = 4

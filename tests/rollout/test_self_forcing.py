@@ -4,7 +4,6 @@ Independent references: the single-block case against ``FewStepRollout`` (the bi
 rollout through the parallel forward), the clean-context cache against a fresh forward of the
 re-noised block, and the gradient structure against a record of every model call.
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,9 @@ from megadistill.models.wan import CrossAttnCache, new_kv_cache
 from megadistill.rollout.self_forcing import RolloutPlan, SelfForcingConfig, SelfForcingRollout
 from megadistill.rollout.steps import StepListConfig
 from megadistill.models.wan.denoiser import WanCondition
+from tests.helpers.scripts import load_module
 
-_spec = importlib.util.spec_from_file_location("rollout_fixtures", Path(__file__).parent / "rollout_fixtures.py")
-_fixtures = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fixtures)
+_fixtures = load_module("rollout_fixtures", Path(__file__).parent / "rollout_fixtures.py")
 tiny_denoiser = _fixtures.tiny_denoiser
 
 H = W = 4

@@ -1,15 +1,13 @@
 """tools/bench_wan_step.py runs end to end on a tiny model (CPU), and its two measured variants differ
 in what they claim to: the masked-attention paths agree with float32, the copy variant copies."""
-import importlib.util
 import re
 from pathlib import Path
 
 import torch
+from tests.helpers.scripts import load_module
 
 ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_wan_step", ROOT / "tools" / "bench_wan_step.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_module("bench_wan_step", ROOT / "tools" / "bench_wan_step.py")
 
 
 def test_tiny_run_prints_every_case_and_a_small_bf16_error(capsys):

@@ -4,9 +4,7 @@ Checks: the stored steps are the training step list (StepListConfig.timesteps())
 independent Euler run with hand-written standard CFG; the shards load into the ODE regression
 method; bad inputs are refused before any work.
 """
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,10 @@ from megadistill.models.wan import build_wan, save_wan_checkpoint
 from megadistill.rollout.steps import StepListConfig
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser
 from megadistill.models.wan.run_config import SHIFT
+from tests.helpers.scripts import load_module
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("generate_ode_pairs_cli", ROOT / "tools" / "generate_ode_pairs.py")
-cli = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = cli  # dataclasses look their module up there
-spec.loader.exec_module(cli)
+cli = load_module("generate_ode_pairs_cli", ROOT / "tools" / "generate_ode_pairs.py")
 
 F, H, W = 2, 4, 4
 

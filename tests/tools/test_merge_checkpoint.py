@@ -8,7 +8,6 @@ the trained generator on a fixed input. Merged files must reproduce them in our 
 WanModel), the original Wan format (load_wan_checkpoint) and diffusers format
 (WanTransformer3DModel.from_pretrained, an independent implementation).
 """
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -22,20 +21,17 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import ranks  # noqa: E402
+from tests.helpers.scripts import load_module  # noqa: E402
 
-
-ranks = _load("engine_test_ranks", ROOT / "tests" / "engine" / "ranks.py")
-worker = _load("merge_test_wan_worker", HERE / "wan_worker.py")
-merge_cli = _load("merge_checkpoint_cli", ROOT / "tools" / "merge_checkpoint.py")
-inspect_cli = _load("inspect_checkpoint_cli", ROOT / "tools" / "inspect_checkpoint.py")
+worker = load_module("merge_test_wan_worker", HERE / "wan_worker.py")
+merge_cli = load_module("merge_checkpoint_cli", ROOT / "tools" / "merge_checkpoint.py")
+inspect_cli = load_module("inspect_checkpoint_cli", ROOT / "tools" / "inspect_checkpoint.py")
 
 from megadistill.engine import merge  # noqa: E402
 from megadistill.models.wan import build_wan, load_wan_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.distributed
 
 
 def _launch(tmp: Path, name: str, runs, world_size: int):

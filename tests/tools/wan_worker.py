@@ -1,5 +1,5 @@
 """One rank of a tiny Wan flow-fit run on the real trainer, saved for merge_checkpoint (launched by
-tests/tools/test_merge_checkpoint.py through tests/engine/ranks.py).
+tests/tools/test_merge_checkpoint.py through tests/helpers/ranks.py).
 
     python tests/tools/wan_worker.py SPEC.json
 

@@ -7,7 +7,6 @@ losses and gradients, the rollout's parameter gradients and the streamed latents
 float32 precision; with megadistill's defaults they differ by what the README's "Differences from
 upstream" table states, which these tests also check, so neither side can pass by accident.
 """
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,9 @@ from megadistill.methods.sid import SiD, SiDConfig
 from megadistill.rollout.causal_inference import CausalStream, causal_generate
 from megadistill.rollout.self_forcing import RolloutPlan, SelfForcingConfig, SelfForcingRollout
 from megadistill.rollout.steps import StepListConfig
+from tests.helpers.scripts import load_module
 
-_spec = importlib.util.spec_from_file_location("self_forcing_fixture", Path(__file__).parent / "self_forcing_fixture.py")
-_fx = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fx)
+_fx = load_module("self_forcing_fixture", Path(__file__).parent / "self_forcing_fixture.py")
 Replay, to_megadistill = _fx.Replay, _fx.to_megadistill
 
 FLOAT32 = 2e-5  # relative error (norm) that float32 rounding reaches here; measured <= 3e-6

@@ -1,6 +1,6 @@
 """Start N ranks of a worker script as separate processes (the env a launcher would set), with a timeout.
 
-Used by the engine tests (loaded by path); not collected by pytest (no ``test_`` prefix).
+``from tests.helpers import ranks``; not collected by pytest (no ``test_`` prefix).
 """
 from __future__ import annotations
 
