@@ -43,6 +43,7 @@ from megadistill.parallel.memory_plan import GIB  # noqa: E402
 from megadistill.rollout.self_forcing import SelfForcingConfig, SelfForcingRollout  # noqa: E402
 from megadistill.rollout.steps import StepListConfig  # noqa: E402
 from megadistill.models.wan.denoiser import WanCondition, WanDenoiser  # noqa: E402
+from megadistill.models.wan.networks import rebuild  # noqa: E402
 from megadistill.models.wan.run_config import SHIFT  # noqa: E402
 
 CASES = ("bidir", "rollout", "rollout_copy", "flex", "sdpa_mask")
@@ -121,15 +122,6 @@ class Meter:
                 peak = torch.cuda.max_memory_allocated(self.device)
         times.sort()
         return times[len(times) // 2], peak
-
-
-def with_attention(model, backend: str):
-    """The same network (weights, device, dtype) built with attention back-end ``backend`` (a model's
-    back-end is fixed at build); ``model`` is left to be freed."""
-    p = model.blocks[0].self_attn.o.weight  # the projections' dtype (norms and modulation stay float32)
-    new = build_wan(model.config.replace(attention=backend), device=p.device, dtype=p.dtype)
-    new.load_state_dict(model.state_dict())
-    return new
 
 
 def parse_args(argv=None):
@@ -248,7 +240,7 @@ def main(argv=None) -> int:
         if case == "flex" and device.type != "cuda":
             print("flex: skipped (flex_attention trains on CUDA only)")
             continue
-        causal = with_attention(causal, "flex" if case == "flex" else "sdpa")
+        causal = rebuild(causal, attention="flex" if case == "flex" else "sdpa")  # back-end fixed at build
         ts = torch.linspace(100, 900, f // args.num_frame_per_block, device=device)
         t_frames = ts.repeat_interleave(args.num_frame_per_block)[None]
 
@@ -270,7 +262,7 @@ def main(argv=None) -> int:
     if outputs and args.reference:
         # Both masked paths against float32 SDPA with the dense mask: a backend is right when its error
         # is that of its precision (the other path's), not larger.
-        causal = with_attention(causal.float(), "sdpa")
+        causal = rebuild(causal.float(), attention="sdpa")
         x, context = x.float(), context.float()
         for p in causal.parameters():
             p.grad = torch.zeros_like(p)

@@ -37,9 +37,11 @@ def _tp_group(mesh):
 
 
 def rebuild(model: nn.Module, **overrides) -> nn.Module:
-    """A copy of ``model`` with WanConfig fields changed (attention mode, checkpointing): the fields
-    that do not change the parameters, so the weights carry over exactly."""
-    new = build_wan(model.config.replace(**overrides))
+    """A copy of ``model`` (same device, same compute dtype) with WanConfig fields changed (attention
+    mode or back-end, checkpointing): the fields that do not change the parameters, so the weights
+    carry over exactly."""
+    p = next(m.weight for m in model.modules() if isinstance(m, nn.Linear))  # compute dtype (not an fp32 norm)
+    new = build_wan(model.config.replace(**overrides), device=p.device, dtype=p.dtype)
     new.load_state_dict(model.state_dict())
     return new
 
