@@ -55,7 +55,7 @@ def write_random_checkpoint(preset: str, folder: Path, shard_bytes: int = 10 ** 
     from safetensors.torch import save_file
 
     from megadistill.models.wan import build_wan, wan_state_dict
-    from megadistill.models.wan.checkpoint import split_into_shards
+    from megadistill.io.tensors import split_into_shards
 
     shapes = {k: (tuple(v.shape), v.dtype) for k, v in wan_state_dict(build_wan(preset, device="meta")).items()}
     meta = {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in shapes.items()}

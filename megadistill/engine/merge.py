@@ -424,38 +424,11 @@ def write_safetensors(tensors: Dict[str, torch.Tensor], out: Union[str, os.PathL
                       max_shard_size: Optional[Union[int, str]] = None, progress: bool = True) -> List[Path]:
     """Our format: ``out.safetensors`` (one file) or a directory with ``model.safetensors`` or numbered
     shards plus ``model.safetensors.index.json`` (the Hugging Face layout)."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
+    from megadistill.io.tensors import save_tensors
 
-    from megadistill.models.wan.checkpoint import _parse_size, split_into_shards
-
-    out = Path(out)
-    limit = None if max_shard_size is None else _parse_size(max_shard_size)
-    if out.suffix == ".safetensors":
-        if limit is not None:
-            raise MergeError("--max-shard-size needs a directory output, not a .safetensors file")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        files = [out]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-    shards = [tensors] if limit is None else split_into_shards(tensors, limit)
-    if out.suffix != ".safetensors":
-        files = ([out / "model.safetensors"] if limit is None else
-                 [out / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    bar = tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=not progress)
-    for file, shard in zip(files, shards):
-        # safetensors refuses views sharing storage; each shard is materialised then written once
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(file), metadata={"format": "pt"})
-        bar.update(len(shard))
-    bar.close()
-    written = list(files)
-    if limit is not None:
-        weight_map = {name: file.name for file, shard in zip(files, shards) for name in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = out / "model.safetensors.index.json"
-        index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        written.append(index)
-    return written
+    if max_shard_size is not None and Path(out).suffix:
+        raise MergeError("--max-shard-size needs a directory output, not a .safetensors file")
+    return save_tensors(tensors, out, "model", max_shard_size, progress)
 
 
 def cast(sd: Dict[str, torch.Tensor], dtype: Optional[torch.dtype], progress: bool = True) -> Dict[str, torch.Tensor]:
@@ -504,7 +477,7 @@ class VerifyReport:
 
 def verify_files(written: List[Path], expected: Dict[str, torch.Tensor]) -> VerifyReport:
     """Reload the written file(s) and compare every tensor (dtype, shape, values) with ``expected``."""
-    from megadistill.models.wan.checkpoint import open_checkpoint
+    from megadistill.io.tensors import open_checkpoint
 
     index = [p for p in written if p.name.endswith(".index.json")]
     weights = [p for p in written if p.suffix == ".safetensors"]
@@ -544,9 +517,9 @@ def merge_checkpoint(path: Union[str, os.PathLike], out: Union[str, os.PathLike]
             raise MergeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         torch_dtype = DTYPES[dtype]
     if max_shard_size is not None:
-        from megadistill.models.wan.checkpoint import _parse_size
+        from megadistill.io.tensors import parse_size
 
-        _parse_size(max_shard_size)  # a bad size fails now, not after the merge
+        parse_size(max_shard_size)  # a bad size fails now, not after the merge
     config = None
     if fmt in WAN_FORMATS:
         if wan_config is not None:

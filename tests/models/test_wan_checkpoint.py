@@ -14,7 +14,8 @@ from megadistill.models.wan import (
     save_wan_checkpoint,
     wan_state_dict,
 )
-from megadistill.models.wan.checkpoint import convert_key, strip_wrappers
+from megadistill.io.tensors import strip_wrappers
+from megadistill.models.wan.checkpoint import convert_key
 from megadistill.models.wan.config import to_diffusers_config
 
 

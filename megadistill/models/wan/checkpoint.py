@@ -1,4 +1,4 @@
-"""Wan checkpoints: original <-> diffusers key names, reading single files or sharded indexes, saving.
+"""Wan checkpoints: original <-> diffusers key names, the checked load plan (fused qkv), saving.
 
 Reading never touches the model until the whole plan is checked: every model tensor must have a
 source with the right shape, and (strict) every checkpoint tensor must be used; otherwise one error
@@ -13,21 +13,23 @@ Accepted inputs: ``*.safetensors``, ``*.pth`` / ``*.pt`` / ``*.bin`` / ``*.ckpt`
 releases both use ``diffusion_pytorch_model*.safetensors``). The key format (original / diffusers) is
 detected; wrapper prefixes (``module.``, ``model.``, ``diffusion_model.``) and wrapper components
 (``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``, ``_orig_mod``) are stripped; a fused
-``self_attn.qkv`` is built from q/k/v (and split back) as the model needs.
+``self_attn.qkv`` is built from q/k/v (and split back) as the model needs. The file formats are
+megadistill/io/tensors.py's.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from megadistill.io.tensors import (TORCH_SUFFIXES, Index, TensorSource, atomic_write, open_checkpoint, owned_copy,
+                                    save_tensors, strip_wrappers)
 from megadistill.models.wan.config import to_diffusers_config
 
 KeyFormat = Literal["original", "diffusers"]
@@ -74,13 +76,9 @@ KEY_RULES: tuple[tuple[str, str], ...] = (
 # diffusers drops these on load (``_keys_to_ignore_on_load_unexpected``); so do we.
 DIFFUSERS_IGNORED = re.compile(r"(^|\.)norm_added_q(\.|$)")
 
-WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
-LEADING_PREFIXES = ("module.", "model.", "diffusion_model.")
-CONTAINER_KEYS = ("state_dict", "module", "model")
 WRAPPER_CLASSES = ("DataParallel", "DistributedDataParallel", "DeepSpeedEngine")
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
-_QKV = re.compile(r"^(blocks\.\d+\.self_attn\.)qkv\.(weight|bias)$")
+FUSED_QKV = re.compile(r"^(blocks\.\d+\.self_attn\.)qkv\.(weight|bias)$")
 
 
 class CheckpointMismatchError(ValueError):
@@ -136,164 +134,6 @@ def detect_key_format(keys: Iterable[str]) -> KeyFormat:
     return "original" if original else "diffusers"
 
 
-def strip_wrappers(keys: Iterable[str]) -> dict[str, str]:
-    """{clean key: stored key}: drops FSDP / activation-checkpoint / compile wrapper components anywhere
-    and leading ``module.`` / ``model.`` / ``diffusion_model.`` prefixes shared by all keys."""
-    cleaned = {}
-    for key in keys:
-        cleaned[".".join(p for p in key.split(".") if p not in WRAPPER_COMPONENTS)] = key
-    if len(cleaned) != len(set(cleaned.values())):
-        raise ValueError("stripping wrapper components makes two checkpoint keys collide")
-    changed = True
-    while changed and cleaned:
-        changed = False
-        for prefix in LEADING_PREFIXES:
-            if all(k.startswith(prefix) for k in cleaned):
-                cleaned = {k[len(prefix):]: v for k, v in cleaned.items()}
-                changed = True
-    return cleaned
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-Index = tuple[slice, ...]
-
-
-class TensorSource:
-    """Names, shapes and lazy tensor access of one checkpoint (single file or sharded)."""
-
-    def __init__(self, description: str):
-        self.description = description
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self._getters: dict[str, Callable[[], torch.Tensor]] = {}
-        self._slicers: dict[str, Callable[[Index, Optional[torch.dtype]], torch.Tensor]] = {}
-
-    def add(self, name: str, shape, getter: Callable[[], torch.Tensor],
-            slicer: Optional[Callable[[Index, Optional[torch.dtype]], torch.Tensor]] = None):
-        """``slicer(index, dtype)`` reads part of the tensor without reading the rest (default: read it
-        all, then index)."""
-        if name in self.shapes:
-            raise ValueError(f"{self.description}: tensor {name!r} appears twice")
-        self.shapes[name] = tuple(int(s) for s in shape)
-        self._getters[name] = getter
-        if slicer is not None:
-            self._slicers[name] = slicer
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._getters[name]()
-
-    def read(self, name: str, index: Index, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``tensor[index]`` (basic slices, one per leading dim) as a new tensor owning its memory, cast
-        to ``dtype`` in the same copy."""
-        slicer = self._slicers.get(name)
-        return slicer(index, dtype) if slicer is not None else _owned(self.get(name)[index], dtype)
-
-
-def _owned(t: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """A copy of ``t`` (cast to ``dtype``): one new tensor, whatever the cast."""
-    return t.clone() if dtype is None or dtype == t.dtype else t.to(dtype)
-
-
-def _read_safetensors(path: Path, name: str, index: Optional[Index] = None,
-                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """One tensor (or ``tensor[index]``) of a safetensors file, copied out of the file.
-
-    safetensors maps the file and hands out views of that mapping: copy, so the result owns its memory
-    (a model must not depend on the file staying as it is), through a short-lived handle, so the
-    mapping goes away at once: its touched pages count in the resident set for as long as it lives
-    (a handle kept for a whole load doubles the peak)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return _owned(handle.get_tensor(name) if index is None else handle.get_slice(name)[index], dtype)
-
-
-def _add_safetensors(source: TensorSource, path: Path, names: Optional[set] = None):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
-    for name, shape in shapes.items():
-        if names is None or name in names:
-            source.add(name, shape, lambda n=name: _read_safetensors(path, n),
-                       lambda index, dtype, n=name: _read_safetensors(path, n, index, dtype))
-
-
-def _load_torch_dict(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files written with the legacy (non-zip) serialisation cannot be mmapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    while not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        containers = [k for k in CONTAINER_KEYS if isinstance(obj.get(k), dict)]
-        if len(containers) != 1:
-            raise ValueError(f"{path}: not a flat state dict and no single container key among "
-                             f"{CONTAINER_KEYS} (top-level keys: {list(obj)[:10]})")
-        obj = obj[containers[0]]
-    return obj
-
-
-def _add_torch(source: TensorSource, path: Path, names: Optional[set] = None):
-    for name, tensor in _load_torch_dict(path).items():
-        if names is None or name in names:
-            source.add(name, tensor.shape, lambda t=tensor: t, lambda index, dtype, t=tensor: _owned(t[index], dtype))
-
-
-def _add_file(source: TensorSource, path: Path, names: Optional[set] = None):
-    if path.suffix == ".safetensors":
-        _add_safetensors(source, path, names)
-    elif path.suffix in TORCH_SUFFIXES:
-        _add_torch(source, path, names)
-    else:
-        raise ValueError(f"{path}: unknown checkpoint file type (want .safetensors, {', '.join(TORCH_SUFFIXES)})")
-
-
-def _find_in_directory(path: Path) -> Path:
-    for pattern in ("*.safetensors.index.json", "*.index.json", "*.safetensors", *("*" + s for s in TORCH_SUFFIXES)):
-        found = sorted(path.glob(pattern))
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            names = [p.name for p in found]
-            preferred = [p for p in found if p.name.startswith("diffusion_pytorch_model")]
-            if len(preferred) == 1:
-                return preferred[0]
-            raise ValueError(f"{path}: several checkpoint candidates {names}; pass the file or index to load")
-    raise FileNotFoundError(f"{path}: no checkpoint (*.safetensors, *.index.json, *.pth, *.bin) in this directory")
-
-
-def open_checkpoint(path: Union[str, os.PathLike]) -> TensorSource:
-    """A lazy view of a checkpoint file, sharded index json, or a directory holding one of them."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        path = _find_in_directory(path)
-    source = TensorSource(str(path))
-    if path.name.endswith(".json"):
-        weight_map = json.loads(path.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{path}: an index json needs a 'weight_map' of tensor name -> file")
-        by_file: dict[str, set] = {}
-        for name, file in weight_map.items():
-            by_file.setdefault(file, set()).add(name)
-        for file, names in by_file.items():
-            shard = path.parent / file
-            if not shard.exists():
-                raise FileNotFoundError(f"{path}: shard {file} is listed in the index but missing")
-            _add_file(source, shard, names)
-        absent = set(weight_map) - set(source.shapes)
-        if absent:
-            raise ValueError(f"{path}: {len(absent)} tensors in the index are absent from their shards, "
-                             f"e.g. {sorted(absent)[:5]}")
-    else:
-        _add_file(source, path)
-    return source
-
-
 # ---------------------------------------------------------------------------------------------- loading
 
 
@@ -323,7 +163,7 @@ def _checkpoint_entries(source: TensorSource) -> tuple[dict[str, _Entry], list[s
             continue
         name = convert_key(clean, key_format, "original")
         shape = source.shapes[stored]
-        m = _QKV.match(name)
+        m = FUSED_QKV.match(name)
         if m and shape[0] % 3 == 0:
             for i, part in enumerate("qkv"):
                 entries[f"{m.group(1)}{part}.{m.group(2)}"] = _Entry(stored, (shape[0] // 3,) + shape[1:], i)
@@ -334,7 +174,7 @@ def _checkpoint_entries(source: TensorSource) -> tuple[dict[str, _Entry], list[s
 
 def _sources_for(target: str) -> list[str]:
     """Original unfused names that make up one model tensor (three for a fused qkv)."""
-    m = _QKV.match(target)
+    m = FUSED_QKV.match(target)
     if m:
         return [f"{m.group(1)}{p}.{m.group(2)}" for p in "qkv"]
     return [target]
@@ -466,7 +306,7 @@ def read_planned_tensor(plan: LoadPlan, name: str, dim: Optional[int] = None, ra
     full = plan.shape(name)
     parts = plan.tensors[name]
     if not full:
-        return _owned(plan.source.get(plan.entries[parts[0]].stored), dtype)
+        return owned_copy(plan.source.get(plan.entries[parts[0]].stored), dtype)
     if dim is None:
         return _read_rows(plan, parts, 0, full[0], (), dtype)
     if full[dim] % (chunks * size):
@@ -532,62 +372,13 @@ def wan_state_dict(model: nn.Module, key_format: KeyFormat = "original") -> dict
     """The model's tensors under original (or diffusers) names with any fused qkv split into q, k, v."""
     out = {}
     for name, tensor in unwrap_model(model).state_dict().items():
-        m = _QKV.match(name)
+        m = FUSED_QKV.match(name)
         if m:
             for part, piece in zip("qkv", tensor.chunk(3, dim=0)):
                 out[f"{m.group(1)}{part}.{m.group(2)}"] = piece
         else:
             out[name] = tensor
     return convert_state_dict(out, "original", key_format)
-
-
-def split_into_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy split in key order; a shard exceeds ``limit`` only when one tensor alone does."""
-    shards, current, current_size = [], {}, 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        if current and current_size + size > limit:
-            shards.append(current)
-            current, current_size = {}, 0
-        current[name] = t
-        current_size += size
-    shards.append(current)
-    return shards
-
-
-def _parse_size(size: Union[int, str]) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]):
-    """Write via a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]):
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    elif path.suffix in TORCH_SUFFIXES:
-        _atomic_write(path, lambda tmp: torch.save(tensors, tmp))
-    else:
-        raise ValueError(f"{path}: save to .safetensors or one of {TORCH_SUFFIXES}, or to a directory")
 
 
 def _config_json(model: nn.Module, key_format: KeyFormat) -> Optional[dict]:
@@ -625,37 +416,13 @@ def save_wan_checkpoint(model: nn.Module, path: Union[str, os.PathLike], key_for
 
     tensors = {}
     for name, t in wan_state_dict(model, key_format).items():
-        t = t.detach().to("cpu", dtype) if dtype is not None and t.is_floating_point() else t.detach().cpu()
-        tensors[name] = t.clone().contiguous()  # safetensors refuses views that share storage (qkv split)
-
+        tensors[name] = t.detach().to("cpu", dtype) if dtype is not None and t.is_floating_point() else t.detach().cpu()
+    written = save_tensors(tensors, path, "diffusion_pytorch_model", max_shard_size)
     if path.suffix in (".safetensors", *TORCH_SUFFIXES):
-        if max_shard_size is not None:
-            raise ValueError("max_shard_size needs a directory path, not a single file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_tensors(path, tensors)
-        return [path]
-
-    path.mkdir(parents=True, exist_ok=True)
-    written = []
-    if max_shard_size is None:
-        written.append(path / "diffusion_pytorch_model.safetensors")
-        _write_tensors(written[0], tensors)
-    else:
-        shards = split_into_shards(tensors, _parse_size(max_shard_size))
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = path / f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_tensors(file, shard)
-            weight_map.update({name: file.name for name in shard})
-            written.append(file)
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = path / "diffusion_pytorch_model.safetensors.index.json"
-        text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        _atomic_write(index, lambda tmp: Path(tmp).write_text(text))
-        written.append(index)
+        return written
     config = _config_json(model, key_format)
     if config is not None:
         cfg_path = path / "config.json"
-        _atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+        atomic_write(cfg_path, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
         written.append(cfg_path)
     return written

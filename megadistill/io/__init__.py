@@ -1,0 +1,1 @@
+"""Files of tensors: reading and writing weight files (tensors.py)."""
